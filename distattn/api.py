@@ -1,0 +1,54 @@
+"""The public functional API: shard, unshard, attention (see DESIGN.md).
+
+Inputs are this rank's shard in the scheme's layout; `cu_seqlens` are the
+document boundaries of the whole packed sequence, identical on every rank.
+"""
+from __future__ import annotations
+
+import torch
+
+from distattn.comm import Comm, CommLedger, default_ledger
+from distattn.schemes.base import Scheme, get_scheme, group_rank_size
+
+
+def _layout(scheme, n_tokens: int, group, cu_seqlens):
+    _, world = group_rank_size(group)
+    return get_scheme(scheme).layout(n_tokens, world, cu_seqlens)
+
+
+def shard(x_full: torch.Tensor, *, scheme, group=None, cu_seqlens=None, dim: int = 0) -> torch.Tensor:
+    """This rank's rows of a full [T, ...] tensor, in the scheme's layout."""
+    rank, _ = group_rank_size(group)
+    return _layout(scheme, x_full.shape[dim], group, cu_seqlens).shard(x_full, rank, dim=dim)
+
+
+def unshard(x_local: torch.Tensor, *, scheme, group=None, cu_seqlens=None, n_tokens: int | None = None,
+            ledger: CommLedger | None = None) -> torch.Tensor:
+    """The full tensor on every rank, from every rank's shard (one uneven all-gather)."""
+    comm = Comm(group, ledger if ledger is not None else default_ledger())
+    if n_tokens is None:
+        t = torch.tensor([x_local.shape[0]], dtype=torch.long)
+        comm.all_reduce(t, op="sum")
+        n_tokens = int(t.item())
+    lay = _layout(scheme, n_tokens, group, cu_seqlens)
+    sizes = lay.sizes()
+    if x_local.shape[0] != sizes[comm.rank]:
+        raise ValueError(f"rank {comm.rank} holds {x_local.shape[0]} rows but the {lay.name} layout "
+                         f"of {n_tokens} tokens gives it {sizes[comm.rank]}")
+    parts = comm.all_gather_uneven(x_local.contiguous(), sizes)
+    return lay.unshard(list(parts))
+
+
+def attention(q, k, v, *, scheme, group=None, cu_seqlens=None, causal: bool = True,
+              softmax_scale: float | None = None, ledger: CommLedger | None = None,
+              n_tokens: int | None = None) -> torch.Tensor:
+    """Exact softmax attention of this rank's shard over the whole sequence.
+
+    q [T_local, H, D]; k, v [T_local, Hkv, D]. Returns [T_local, H, D], differentiable.
+    Pass `n_tokens` (the global length) to save one small all-reduce per call.
+    """
+    s = get_scheme(scheme)
+    if s.kind != "softmax":
+        raise ValueError(f"scheme {s.name!r} is for linear attention; call distattn.linear_attention")
+    return s.attention(q, k, v, group=group, cu_seqlens=cu_seqlens, causal=causal,
+                       softmax_scale=softmax_scale, ledger=ledger, n_tokens=n_tokens)
