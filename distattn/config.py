@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 SCHEMES = ("ring", "allgather", "ulysses", "usp", "lasp2", "lasp1", "local", "cad", "hetero")
 LAYOUTS = ("zigzag", "contiguous", "doc_zigzag", "weighted")
 LINEAR_SCHEMES = ("lasp2", "lasp1", "local")
+BENCH_PEERS = ("ring-unbalanced", "deepspeed-ulysses")
 DATA_SOURCES = ("stdlib", "text_dir", "jsonl", "synthetic")
 LAYER_KINDS = "NL"  # N: softmax attention layer, L: linear attention layer
 
@@ -254,7 +255,8 @@ class BenchConfig(_Section):
     kv_heads: PosInt = 8
     head_dim: PosInt = 64
     dtype: DType = "fp32"
-    schemes: list[SchemeName] = Field(default_factory=lambda: ["ring", "allgather", "ulysses"])
+    # our schemes, "usp:U" for USP with ulysses degree U, and peers in the same run
+    schemes: list[str] = Field(default_factory=lambda: ["ring", "allgather", "ulysses"])
     iters: PosInt = 3
     warmup: NonNegInt = 1
     causal: bool = True
@@ -264,6 +266,14 @@ class BenchConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "BenchConfig":
         problems: list[str] = []
+        for i, name in enumerate(self.schemes):
+            base, _, degree = name.partition(":")
+            ok = (name in SCHEMES or name in BENCH_PEERS
+                  or (base == "usp" and degree.isdigit() and int(degree) >= 1))
+            if not ok:
+                problems.append(f"bench.schemes[{i}]: {name!r} is not a scheme; choose from "
+                                f"{', '.join(SCHEMES + BENCH_PEERS)} or usp:U (ulysses degree U)"
+                                f"{_did_you_mean(name, SCHEMES + BENCH_PEERS)}")
         if self.heads % self.kv_heads:
             choices = ", ".join(map(str, _divisors(self.heads)))
             problems.append(f"heads={self.heads} is not divisible by kv_heads={self.kv_heads}; "

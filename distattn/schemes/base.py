@@ -135,7 +135,7 @@ def make_comm(group, ledger: CommLedger | None) -> Comm:
     return Comm(group, ledger if ledger is not None else default_ledger())
 
 
-def total_tokens(local_len: int, comm: Comm, n_tokens: int | None, layout_factory) -> int:
+def total_tokens(local_len: int, comm: Comm, n_tokens: int | None) -> int:
     """The global length N: given, or recovered by one all-reduce of local lengths.
 
     Every rank must agree on N to compute every other rank's layout, so a wrong

@@ -75,7 +75,6 @@ def ring_backward(comm: Comm, dout, q, k, v, out, lse, plan: RingPlan, scale: fl
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dkv_pending = None
     for s in range(W):
-        src = plan.src(s)
         kv_pending = None
         if s < W - 1:
             buf = kv.new_empty((plan.sizes[plan.src(s + 1)], *kv.shape[1:]))
@@ -93,7 +92,6 @@ def ring_backward(comm: Comm, dout, q, k, v, out, lse, plan: RingPlan, scale: fl
         dkv_pending = comm.exchange([(g.to(dkv_dtype), nxt)], [(recv, prv)])
         if kv_pending is not None:
             kv = kv_pending.wait()[0]
-        del src
     mine = dkv_pending.wait()[0].to(torch.float32)
     return dq, mine[:, 0], mine[:, 1]
 
@@ -153,7 +151,7 @@ class Ring(Scheme):
     def attention(self, q, k, v, *, group, cu_seqlens=None, causal=True, softmax_scale=None,
                   ledger=None, n_tokens=None):
         comm = make_comm(group, ledger)
-        n = total_tokens(q.shape[0], comm, n_tokens, None)
+        n = total_tokens(q.shape[0], comm, n_tokens)
         lay = self.layout(n, comm.size, cu_seqlens)
         return ring_attention(q, k, v, comm=comm, peer_runs=[lay.runs(r) for r in range(comm.size)],
                               causal=causal, softmax_scale=softmax_scale, dkv_dtype=self.dkv_dtype)
