@@ -9,6 +9,7 @@ Tensors here are [1, H, T, D] views; lse is [1, H, T] fp32.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Protocol
 
@@ -124,12 +125,39 @@ def _flash_attn_available() -> bool:
         return False
 
 
+class NullKernel:
+    """Returns empty partials at no cost: benchmarks run a scheme's communication
+    alone with it, to measure how long the transfers take when nothing hides them."""
+
+    name = "null"
+
+    def forward(self, q, k, v, causal, scale):
+        return (torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), dtype=torch.float32,
+                                                 device=q.device))
+
+    def backward(self, do, q, k, v, o, lse, causal, scale):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+
 _CPU = CpuFlash()
 _CUDA = CudaSdpa()
+_OVERRIDE: list[Backend] = []
+
+
+@contextlib.contextmanager
+def override_backend(backend: Backend):
+    """Run every kernel call in this process with `backend` (benchmark instrumentation)."""
+    _OVERRIDE.append(backend)
+    try:
+        yield backend
+    finally:
+        _OVERRIDE.pop()
 
 
 def select_backend(device: torch.device, prefer: str = "auto") -> Backend:
     """Pick the kernel for a device at run time: flash-attn if installed on CUDA."""
+    if _OVERRIDE:
+        return _OVERRIDE[-1]
     if device.type == "cpu":
         if prefer not in ("auto", "cpu-flash"):
             raise ValueError(f"kernel backend {prefer!r} is not available on CPU; use 'auto' or 'cpu-flash'")

@@ -1,0 +1,270 @@
+"""Side-by-side benchmark of context-parallel attention schemes (forward + backward).
+
+Per scheme and rank it measures: compute CPU time of the main thread, wall time,
+bytes sent, and exposed communication (host time blocked in waits). The critical
+path is the max over ranks. A second, compute-free pass (kernels replaced by a
+null kernel) times the scheme's communication alone, so
+
+    overlap = 1 - exposed / comm_alone
+
+says how much of the transfer time compute hid. Efficiency compares with one
+process computing the whole sequence: single_time / (W * critical_compute).
+
+Peers run in the same job on the same inputs: DeepSpeed-Ulysses
+(`deepspeed.sequence.layer.DistributedAttention` around our local kernel; its
+bytes come from its formula since its traffic bypasses our ledger) and a plain,
+non-balanced ring (`ring` with the contiguous layout).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEERS = ("deepspeed-ulysses", "ring-unbalanced")
+
+
+@dataclass
+class BenchSpec:
+    """One benchmark run: shapes and the schemes to compare."""
+
+    seq_len: int = 4096
+    heads: int = 8
+    kv_heads: int = 8
+    head_dim: int = 64
+    dtype: str = "fp32"
+    causal: bool = True
+    doc_lens: list[int] | None = None
+    schemes: list[str] = field(default_factory=lambda: ["ring", "allgather", "ulysses"])
+    iters: int = 3
+    warmup: int = 1
+    world_size: int = 2
+
+    @property
+    def cu_seqlens(self) -> list[int] | None:
+        if not self.doc_lens:
+            return None
+        cu = [0]
+        for n in self.doc_lens:
+            cu.append(cu[-1] + n)
+        if cu[-1] != self.seq_len:
+            raise ValueError(f"bench.doc_lens sum to {cu[-1]} but bench.seq_len is {self.seq_len}")
+        return cu
+
+
+@dataclass
+class RankResult:
+    compute_s: float
+    wall_s: float
+    bytes_sent: int
+    exposed_s: float
+    comm_alone_s: float
+    pairs: int = 0
+
+
+def _scheme_for(name: str):
+    import distattn
+    if name == "ring-unbalanced":
+        return distattn.get_scheme("ring", layout_name="contiguous")
+    if name.startswith("usp"):  # "usp" or "usp:2" (ulysses degree)
+        u = int(name.split(":", 1)[1]) if ":" in name else 2
+        return distattn.get_scheme("usp", ulysses=u)
+    return distattn.get_scheme(name)
+
+
+def _inputs(spec: BenchSpec, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[spec.dtype]
+    n = spec.seq_len
+    q = torch.randn(n, spec.heads, spec.head_dim, generator=g).to(dt)
+    k = torch.randn(n, spec.kv_heads, spec.head_dim, generator=g).to(dt)
+    v = torch.randn(n, spec.kv_heads, spec.head_dim, generator=g).to(dt)
+    do = torch.randn(n, spec.heads, spec.head_dim, generator=g).to(dt)
+    return q, k, v, do
+
+
+def _ds_ulysses_step(spec: BenchSpec, group):
+    """DeepSpeed-Ulysses around our local kernel: returns a fwd+bwd callable."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.sequence.layer import DistributedAttention
+
+    from distattn.layout import Contiguous
+    from distattn.schemes.local import block_attention
+
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
+    full = Contiguous(spec.seq_len, 1, spec.cu_seqlens)
+    runs = full.runs(0)
+
+    class _Local(torch.nn.Module):
+        def forward(self, q, k, v, *args, **kwargs):  # [S, B, h, d]
+            o = block_attention(q[:, 0], k[:, 0], v[:, 0], runs, runs, spec.causal)
+            return o.unsqueeze(1)
+
+    attn = DistributedAttention(_Local(), group, scatter_idx=2, gather_idx=0)
+    return attn
+
+
+def _rank_bench(spec: BenchSpec, name: str) -> dict:
+    import torch.distributed as dist
+
+    import distattn
+    from distattn.comm import CommLedger
+    from distattn.kernels.backends import NullKernel, override_backend
+
+    group = dist.group.WORLD
+    rank, world = dist.get_rank(), dist.get_world_size()
+    q, k, v, do = _inputs(spec)
+    cu = spec.cu_seqlens
+    ledger = CommLedger()
+
+    if name == "deepspeed-ulysses":
+        attn = _ds_ulysses_step(spec, group)
+        from distattn.layout import Contiguous
+        lay = Contiguous(spec.seq_len, world, cu)
+        ql, kl, vl, dl = (lay.shard(x, rank).unsqueeze(1) for x in (q, k, v, do))
+
+        def step():
+            a, b, c = (x.detach().requires_grad_(True) for x in (ql, kl, vl))
+            attn(a, b, c, 1).backward(dl)
+    else:
+        scheme = _scheme_for(name)
+        scheme.validate(heads=spec.heads, kv_heads=spec.kv_heads, world=world)
+        ql, kl, vl, dl = (distattn.shard(x, scheme=scheme, group=group, cu_seqlens=cu)
+                          for x in (q, k, v, do))
+
+        def step():
+            a, b, c = (x.detach().requires_grad_(True) for x in (ql, kl, vl))
+            out = distattn.attention(a, b, c, scheme=scheme, group=group, cu_seqlens=cu,
+                                     causal=spec.causal, ledger=ledger, n_tokens=spec.seq_len)
+            out.backward(dl)
+
+    for _ in range(spec.warmup):
+        step()
+    ledger.reset()
+    computes, walls = [], []
+    for _ in range(spec.iters):
+        dist.barrier(group)
+        c0, w0 = time.thread_time(), time.perf_counter()
+        step()
+        computes.append(time.thread_time() - c0)
+        walls.append(time.perf_counter() - w0)
+    tot = ledger.totals()
+    # the same communication with compute removed: how long the transfers take alone
+    alone = float("nan")
+    if name != "deepspeed-ulysses":
+        ledger.reset()
+        with override_backend(NullKernel()):
+            step()
+            ledger.reset()
+            dist.barrier(group)
+            for _ in range(spec.iters):
+                step()
+        alone = ledger.totals().exposed_s / spec.iters
+    return asdict(RankResult(
+        compute_s=statistics.median(computes), wall_s=statistics.median(walls),
+        bytes_sent=tot.bytes_sent // spec.iters if tot.calls else _peer_bytes(spec, name, world),
+        exposed_s=tot.exposed_s / spec.iters if tot.calls else float("nan"),
+        comm_alone_s=alone))
+
+
+def _peer_bytes(spec: BenchSpec, name: str, world: int) -> int:
+    """DeepSpeed-Ulysses traffic by its formula: 4 all-to-alls each way."""
+    if name != "deepspeed-ulysses":
+        return 0
+    el = DTYPES[spec.dtype].itemsize
+    t = spec.seq_len // world
+    per = (world - 1) * t * spec.head_dim * (2 * spec.heads + 2 * spec.kv_heads) * el // world
+    return 2 * per
+
+
+def _single_process_time(spec: BenchSpec) -> float:
+    """CPU time of fwd+bwd of the whole sequence in one process, one thread."""
+    from distattn.layout import Contiguous
+    from distattn.schemes.local import block_attention
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q, k, v, do = _inputs(spec)
+        runs = Contiguous(spec.seq_len, 1, spec.cu_seqlens).runs(0)
+        times = []
+        for i in range(spec.warmup + spec.iters):
+            a, b, c = (x.detach().requires_grad_(True) for x in (q, k, v))
+            t0 = time.thread_time()
+            block_attention(a, b, c, runs, runs, spec.causal).backward(do)
+            if i >= spec.warmup:
+                times.append(time.thread_time() - t0)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class Row:
+    scheme: str
+    world: int
+    critical_compute_s: float
+    compute_imbalance: float
+    wall_s: float
+    bytes_per_rank: int
+    exposed_s: float
+    comm_alone_s: float
+    overlap: float
+    efficiency: float
+
+
+def run_attention_bench(spec: BenchSpec, pool=None) -> tuple[list[Row], float]:
+    """Run every scheme (and peers) on `spec.world_size` local ranks; return rows and the single time."""
+    from distattn.multiproc import RankPool
+
+    own = pool is None
+    pool = pool or RankPool(spec.world_size, threads=1)
+    rows: list[Row] = []
+    try:
+        single = _single_process_time(spec)
+        for name in spec.schemes:
+            res = [RankResult(**r) for r in pool.run(_rank_bench, spec, name, timeout=3600)]
+            crit = max(r.compute_s for r in res)
+            mean = statistics.mean(r.compute_s for r in res)
+            exposed = max(r.exposed_s for r in res)
+            alone = max(r.comm_alone_s for r in res)
+            overlap = 1.0 - exposed / alone if alone and alone == alone and alone > 0 else float("nan")
+            rows.append(Row(
+                scheme=name, world=spec.world_size, critical_compute_s=crit,
+                compute_imbalance=crit / mean if mean > 0 else float("nan"),
+                wall_s=max(r.wall_s for r in res), bytes_per_rank=max(r.bytes_sent for r in res),
+                exposed_s=exposed, comm_alone_s=alone, overlap=overlap,
+                efficiency=single / (spec.world_size * crit) if crit > 0 else float("nan")))
+    finally:
+        if own:
+            pool.close()
+    return rows, single
+
+
+def format_table(rows: list[Row], single: float, spec: BenchSpec) -> str:
+    head = (f"attention fwd+bwd  N={spec.seq_len} heads={spec.heads}/{spec.kv_heads} d={spec.head_dim} "
+            f"{spec.dtype} causal={spec.causal} docs={len(spec.doc_lens) if spec.doc_lens else 1} "
+            f"W={spec.world_size} iters={spec.iters}\n"
+            f"single-process time (1 thread): {single * 1e3:.1f} ms\n")
+    cols = ["scheme", "crit compute ms", "max/mean", "wall ms", "MB/rank", "exposed ms",
+            "comm alone ms", "overlap", "efficiency"]
+    lines = [cols]
+    for r in rows:
+        lines.append([r.scheme, f"{r.critical_compute_s * 1e3:.1f}", f"{r.compute_imbalance:.3f}",
+                      f"{r.wall_s * 1e3:.1f}", f"{r.bytes_per_rank / 2**20:.2f}",
+                      _fmt_ms(r.exposed_s), _fmt_ms(r.comm_alone_s),
+                      "n/a" if r.overlap != r.overlap else f"{r.overlap:.2f}", f"{r.efficiency:.3f}"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    body = [fmt.format(*line) for line in lines]
+    body.insert(1, "-" * len(body[0]))
+    return head + "\n".join(body)
+
+
+def _fmt_ms(x: float) -> str:
+    return "n/a" if x != x else f"{x * 1e3:.1f}"
