@@ -19,11 +19,14 @@ class _Runner:
     (RankPool does that) and the next call starts a fresh one.
     """
 
-    def __call__(self, world: int, fn, *args, timeout: float = 90.0, **kwargs):
+    def pool(self, world: int) -> RankPool:
         pool = _POOLS.get(world)
         if pool is None or not pool.alive:
             pool = _POOLS[world] = RankPool(world)
-        return pool.run(fn, *args, timeout=timeout, **kwargs)
+        return pool
+
+    def __call__(self, world: int, fn, *args, timeout: float = 90.0, **kwargs):
+        return self.pool(world).run(fn, *args, timeout=timeout, **kwargs)
 
 
 @pytest.fixture(scope="session")
