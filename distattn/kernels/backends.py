@@ -75,15 +75,19 @@ class CudaSdpa:
         ke, ve = _expand_kv(k, h), _expand_kv(v, h)
         if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
             tq, tk = q.shape[2], k.shape[2]
-            zero = torch.zeros((), dtype=torch.int64, device=q.device)
+            seed = torch.zeros(2, dtype=torch.uint64, device=q.device)  # unused: no dropout
+            offset = torch.zeros((), dtype=torch.uint64, device=q.device)
             dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-                do, q, ke, ve, o, lse, zero, zero, tq, tk, 0.0, causal,
-                zero, zero, scale=scale)
+                do, q, ke, ve, o, lse, None, None, tq, tk, 0.0, causal, seed, offset, scale=scale)
         else:
+            zero = torch.zeros((), dtype=torch.int64, device=q.device)
+            # the kernel reads lse with rows padded to a multiple of 32
+            t = lse.shape[-1]
+            lse_p = lse.new_zeros((*lse.shape[:-1], (t + 31) // 32 * 32))
+            lse_p[..., :t] = lse
             dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-                do, q, ke, ve, None, o, lse.contiguous(), torch.zeros(2, dtype=torch.int64, device=q.device),
-                torch.zeros((), dtype=torch.int64, device=q.device),
-                0.0, [True, True, True, False], causal, scale=scale)
+                do, q, ke, ve, None, o, lse_p, zero, zero, 0.0,
+                [True, True, True, False], causal, scale=scale)
         return dq, _fold_kv_grad(dk, hkv), _fold_kv_grad(dv, hkv)
 
 
@@ -141,6 +145,8 @@ class NullKernel:
 
 _CPU = CpuFlash()
 _CUDA = CudaSdpa()
+
+
 _OVERRIDE: list[Backend] = []
 
 
@@ -167,6 +173,6 @@ def select_backend(device: torch.device, prefer: str = "auto") -> Backend:
             return FlashAttn()
         if prefer in ("auto", "cuda-sdpa"):
             return _CUDA
-        raise ValueError(f"kernel backend {prefer!r} is not available on CUDA; "
-                         "use 'auto', 'cuda-sdpa' or 'flash-attn' (pip install distattn[gpu])")
+        raise ValueError(f"kernel backend {prefer!r} is not available on CUDA; use 'auto', "
+                         "'cuda-sdpa' or 'flash-attn' (pip install distattn[gpu])")
     raise ValueError(f"no attention kernel for device {device}; distattn runs on cpu and cuda")
