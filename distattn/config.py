@@ -17,7 +17,7 @@ SCHEMES = ("ring", "allgather", "ulysses", "usp", "lasp2", "lasp1", "local", "ca
 LAYOUTS = ("zigzag", "contiguous", "doc_zigzag", "weighted")
 LINEAR_SCHEMES = ("lasp2", "lasp1", "local")
 BENCH_PEERS = ("ring-unbalanced", "deepspeed-ulysses")
-DATA_SOURCES = ("stdlib", "text_dir", "jsonl", "synthetic")
+DATA_SOURCES = ("stdlib", "text_dir", "jsonl", "megatron", "synthetic")
 LAYER_KINDS = "NL"  # N: softmax attention layer, L: linear attention layer
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -211,11 +211,13 @@ class DataConfig(_Section):
     seq_len: PosInt = 2048
     micro_batch_size: PosInt = 1
     synthetic_task: Literal["needle", "recall"] = "recall"
+    jsonl_field: str = "text"
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
-        if self.source in ("text_dir", "jsonl") and not self.path:
-            what = "a directory of .txt files" if self.source == "text_dir" else "a .jsonl file"
+        if self.source in ("text_dir", "jsonl", "megatron") and not self.path:
+            what = {"text_dir": "a directory of .txt files", "jsonl": "a .jsonl file",
+                    "megatron": "a Megatron .bin/.idx path prefix (no extension)"}[self.source]
             _fail([f"source={self.source!r} reads files; set data.path to {what}, "
                    f"or use data.source=stdlib or data.source=synthetic"])
         return self
@@ -234,6 +236,7 @@ class TrainConfig(_Section):
     log_every: PosInt = 1
     ckpt_every: NonNegInt = 0  # 0: no periodic checkpoints
     tensorboard: bool = True
+    comm_timeout_s: PosInt = 300  # a collective blocked this long fails instead of hanging
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

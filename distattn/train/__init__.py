@@ -1,0 +1,1 @@
+"""The Megatron-style training loop: data, steps, optimizer, logging, checkpoints."""
