@@ -42,7 +42,8 @@ class _Task:
 
 
 def _worker(rank: int, world: int, port: int, backend: str, threads: int,
-            sys_path: list[str], tasks: "mp.Queue", results: "mp.Queue") -> None:
+            sys_path: list[str], tasks: "mp.Queue", results: "mp.Queue",
+            pg_timeout_s: float | None = None) -> None:
     sys.path[:] = sys_path
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
@@ -50,8 +51,10 @@ def _worker(rank: int, world: int, port: int, backend: str, threads: int,
 
     torch.set_num_threads(threads)
     try:
+        import datetime
+        kw = {"timeout": datetime.timedelta(seconds=pg_timeout_s)} if pg_timeout_s else {}
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
-                                rank=rank, world_size=world)
+                                rank=rank, world_size=world, **kw)
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
     except Exception:  # pragma: no cover - rendezvous failure
@@ -75,7 +78,7 @@ class RankPool:
     """W worker processes with an initialised default process group."""
 
     def __init__(self, world: int, backend: str = "gloo", threads: int = 1,
-                 start_timeout: float = 120.0):
+                 start_timeout: float = 120.0, pg_timeout_s: float | None = None):
         if world < 1:
             raise ValueError(f"world size must be >= 1, got {world}")
         self.world = world
@@ -87,7 +90,7 @@ class RankPool:
         self._procs = [
             ctx.Process(target=_worker, daemon=True,
                         args=(r, world, port, backend, threads, list(sys.path),
-                              self._tasks[r], self._results))
+                              self._tasks[r], self._results, pg_timeout_s))
             for r in range(world)
         ]
         for p in self._procs:

@@ -1,0 +1,97 @@
+"""megatron-core GPTModel whose core attention is a distattn scheme.
+
+Layer kinds come from a pattern string: 'N' = softmax attention through the
+configured CP scheme, 'L' = linear attention through lasp2/lasp1 (LASP-2H
+hybrids such as 'LLLN'). Megatron builds everything else (embeddings, RMSNorm,
+SwiGLU MLPs, the output layer and the cross-entropy). Megatron's own RoPE and
+attention kernels call CUDA, so the model is built with
+`position_embedding_type="none"` and RoPE is applied inside our attention from
+global positions; `use_cpu_initialization=True` makes the same weights on any
+device for a given seed.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from distattn.model.attention import AttentionContext, DistAttnCore, DistAttnLinearCore
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def transformer_config(model_cfg) -> TransformerConfig:
+    """Megatron's config for our model section: RMSNorm, SwiGLU, no biases, no dropout."""
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        params_dtype=DTYPES[model_cfg.dtype],
+        bf16=model_cfg.dtype == "bf16",
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        init_method_std=0.02,
+    )
+
+
+def _layer_spec(core_cls, context: AttentionContext) -> ModuleSpec:
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=core_cls, params={"context": context})
+    return spec
+
+
+def single_rank_groups() -> ProcessGroupCollection:
+    """Megatron's tensor/pipeline groups of size one, made explicitly.
+
+    distattn parallelises the sequence itself, so megatron sees no tensor,
+    pipeline or context parallelism; handing it explicit groups keeps its
+    global parallel state untouched.
+    """
+    pgs = ProcessGroupCollection()
+    if dist.is_available() and dist.is_initialized():
+        mine = None
+        for r in range(dist.get_world_size()):  # collective: every rank makes every group
+            g = dist.new_group([r])
+            if r == dist.get_rank():
+                mine = g
+    else:
+        raise RuntimeError("torch.distributed must be initialised before building the model "
+                           "(a world of one gloo rank is enough)")
+    for name in ("tp", "pp", "cp", "embd", "pos_embd", "tp_cp", "mp", "dp", "dp_cp"):
+        setattr(pgs, name, mine)
+    return pgs
+
+
+def build_gpt(model_cfg, context: AttentionContext, max_sequence_length: int,
+              pg_collection: ProcessGroupCollection | None = None, seed: int = 1234) -> GPTModel:
+    """The GPT model for `model_cfg` with distattn attention in every layer."""
+    cfg = transformer_config(model_cfg)
+    kinds = model_cfg.layer_kinds()
+    specs = [_layer_spec(DistAttnLinearCore if kind == "L" else DistAttnCore, context)
+             for kind in kinds]
+    block = TransformerBlockSubmodules(layer_specs=specs)
+    torch.manual_seed(seed)
+    model = GPTModel(cfg, block, vocab_size=model_cfg.vocab_size,
+                     max_sequence_length=max_sequence_length, position_embedding_type="none",
+                     pg_collection=pg_collection or single_rank_groups())
+    return model

@@ -1,0 +1,67 @@
+"""Step logs: a console line with an ETA, and TensorBoard scalars (rank 0 only)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    m, s = divmod(seconds, 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class RunLogger:
+    """Writes what a person watching a run wants: loss, speed, traffic, time left."""
+
+    def __init__(self, cfg, enabled: bool, start_step: int = 0, quiet: bool = False):
+        self.cfg = cfg
+        self.enabled = enabled
+        self.quiet = quiet
+        self.start = time.perf_counter()
+        self.start_step = start_step
+        self.writer = None
+        self.tb_dir = Path(cfg.run.output_dir) / "tensorboard"
+        if enabled and cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.tb_dir))
+        if enabled and not quiet:
+            p, a = cfg.parallel, cfg.attention
+            print(f"distattn train: {cfg.model.num_layers} layers ({cfg.model.layer_kinds()}), "
+                  f"hidden {cfg.model.hidden_size}, seq_len {cfg.data.seq_len}, dp={p.dp} cp={p.cp} "
+                  f"scheme={a.scheme} layout={a.layout}, {cfg.train.steps} steps", flush=True)
+            if self.writer is not None:
+                print(f"TensorBoard logs: {self.tb_dir}  (tensorboard --logdir {self.tb_dir})", flush=True)
+
+    def log(self, log, ledger) -> None:
+        if not self.enabled:
+            return
+        t = self.cfg.train
+        done = log.step - self.start_step
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(done, 1) * (t.steps - log.step)
+        tok_s = log.tokens / log.step_s if log.step_s > 0 else 0.0
+        if self.writer is not None:
+            w = self.writer
+            w.add_scalar("train/loss", log.loss, log.step)
+            w.add_scalar("train/lr", log.lr, log.step)
+            w.add_scalar("train/grad_norm", log.grad_norm, log.step)
+            w.add_scalar("perf/tokens_per_s", tok_s, log.step)
+            w.add_scalar("perf/step_s", log.step_s, log.step)
+            w.add_scalar("comm/bytes_sent", log.comm_bytes, log.step)
+            w.add_scalar("comm/exposed_s", log.exposed_s, log.step)
+            for op, s in ledger.summary().items():
+                w.add_scalar(f"comm_bytes/{op}", s.bytes_sent, log.step)
+            w.flush()
+        if not self.quiet and (log.step % t.log_every == 0 or log.step == t.steps):
+            print(f"step {log.step:>5}/{t.steps}  loss {log.loss:.4f}  lr {log.lr:.2e}  "
+                  f"gnorm {log.grad_norm:.2f}  {tok_s:,.0f} tok/s  comm {log.comm_bytes / 2**20:.1f} MiB "
+                  f"exposed {log.exposed_s * 1e3:.0f} ms  eta {_fmt_eta(eta)}", flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.enabled:
+            sys.stdout.flush()

@@ -1,0 +1,253 @@
+"""The training loop, run on every rank: megatron-core GPT + distattn attention.
+
+Each dp rank reads its own packed sequences; the cp ranks of a dp group read the
+same sequence and keep only their layout's tokens. The loss of a step is the
+global mean over every loss token of every micro-batch on every dp rank, so
+summing gradients over dp x cp gives exactly the single-device gradient.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distattn.comm import Comm, CommLedger
+from distattn.config import Config, save_config
+from distattn.mesh import MeshShape, ParallelMesh
+
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+
+def lr_lambda(train_cfg):
+    """Linear warmup to lr, then cosine decay to min_lr at the last step (a multiplier of lr)."""
+    lr, min_lr, warm, steps = train_cfg.lr, train_cfg.min_lr, train_cfg.warmup_steps, train_cfg.steps
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        span = max(1, steps - warm)
+        t = min(1.0, (step - warm) / span)
+        return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))) / lr
+    return f
+
+
+def build_schemes(cfg: Config, mesh: ParallelMesh):
+    """The softmax and linear schemes of the model, sharing one token layout."""
+    import distattn
+    a = cfg.attention
+    name = a.scheme
+    if name in ("lasp2", "lasp1", "local") and name != "local":
+        name = "allgather"  # a linear-only model still needs a layout; allgather accepts any
+    opts: dict = {}
+    if name in ("ring", "allgather", "ulysses", "usp"):
+        opts["layout_name"] = a.layout
+    if name in ("ring", "usp", "ulysses"):
+        opts["dkv_dtype"] = a.dkv_dtype
+    if name == "allgather" and a.allgather_head_stride:
+        opts["head_stride"] = a.allgather_head_stride
+    if name == "usp":
+        opts["ulysses"] = cfg.parallel.ulysses
+    if name == "local":
+        opts = {}
+    softmax = distattn.get_scheme(name, **opts)
+    if name == "usp" and 1 < cfg.parallel.ulysses < cfg.parallel.cp:
+        softmax.bind(mesh.ulysses_group, mesh.ring_group)
+    linear = None
+    if "L" in cfg.model.layer_kinds():
+        linear = distattn.get_scheme(a.linear_scheme)
+    return softmax, linear
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    step_s: float
+    comm_bytes: int
+    exposed_s: float
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """One rank's view of a training run."""
+
+    def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False):
+        self.cfg = cfg
+        self.quiet = quiet
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        p = cfg.parallel
+        shape = MeshShape.from_cp(dp=p.dp, cp=p.cp, ulysses=p.ulysses, attention_servers=p.attention_servers)
+        self.mesh = ParallelMesh.build(shape)
+        self.dp_rank, self.cp_rank = self.mesh.coords.dp, self.mesh.coords.cp
+        self.ledger = CommLedger()
+        self.grad_comm = Comm(self.mesh.trainer_group, self.ledger)
+        self.dp_comm = Comm(self.mesh.dp_group, self.ledger)
+        self.run_dir = Path(cfg.run.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+        from distattn.model.attention import AttentionContext
+        from distattn.model.gpt import build_gpt
+        from distattn.train.data import build_stream
+
+        self.softmax_scheme, self.linear_scheme = build_schemes(cfg, self.mesh)
+        self.softmax_scheme.validate(heads=cfg.model.num_attention_heads,
+                                     kv_heads=cfg.model.num_query_groups, world=p.cp)
+        self.ctx = AttentionContext(group=self.mesh.cp_group, softmax_scheme=self.softmax_scheme,
+                                    linear_scheme=self.linear_scheme, ledger=self.ledger,
+                                    rope_base=cfg.model.rope_base)
+        self.model = build_gpt(cfg.model, self.ctx, cfg.data.seq_len, seed=cfg.run.seed)
+        self.params = [q for q in self.model.parameters() if q.requires_grad]
+        decay = [q for q in self.params if q.dim() >= 2]
+        no_decay = [q for q in self.params if q.dim() < 2]
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
+        self.engine = None
+        if t.zero_stage > 0:
+            self._init_deepspeed()
+        self.stream = build_stream(cfg.data, self.dp_rank, p.dp, cfg.run.seed)
+        self.step = 0
+        self.history: list[StepLog] = []
+        self.writer = None
+        if resume:
+            self.load_checkpoint()
+
+    # -- DeepSpeed ZeRO ------------------------------------------------------------
+    def _init_deepspeed(self):
+        """ZeRO stage 1/2 shards optimizer state over all trainer ranks (dp x cp)."""
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+        try:
+            import deepspeed
+        except Exception as e:  # pragma: no cover - import failure on odd machines
+            raise RuntimeError(f"train.zero_stage={self.cfg.train.zero_stage} needs DeepSpeed, which "
+                               f"failed to import: {e}; set train.zero_stage=0") from e
+        t = self.cfg.train
+        ds_cfg = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": t.grad_clip if t.grad_clip > 0 else 0.0,
+            "zero_optimization": {"stage": t.zero_stage, "overlap_comm": False,
+                                  "contiguous_gradients": False},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": self.cfg.model.dtype == "bf16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if self.mesh.shape.attention_servers:
+            raise RuntimeError("train.zero_stage > 0 with attention servers is not supported; "
+                               "set parallel.attention_servers=0 or train.zero_stage=0")
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_cfg)
+
+    # -- one step ------------------------------------------------------------------
+    def _local(self, batch):
+        lay = self.softmax_scheme.layout(batch.tokens.numel(), self.cfg.parallel.cp, batch.cu_seqlens)
+        idx = lay.indices(self.cp_rank)
+        return (batch.tokens[idx], batch.labels[idx], batch.loss_mask[idx], lay.positions(self.cp_rank))
+
+    def train_step(self) -> StepLog:
+        cfg, t = self.cfg, self.cfg.train
+        t0 = time.perf_counter()
+        self.ledger.reset()
+        batches = self.stream.next_step(t.grad_accum)
+        # the global number of loss tokens in this step (same on the cp ranks of a dp group)
+        count = torch.tensor([float(sum(b.loss_mask.sum().item() for b in batches))])
+        self.dp_comm.all_reduce(count, op="sum")
+        denom = max(count.item(), 1.0)
+        model = self.engine.module if self.engine is not None else self.model
+        model.train()
+        loss_sum = torch.zeros(())
+        scale = self.grad_comm.size if self.engine is not None else 1.0  # DeepSpeed averages
+        for b in batches:
+            tokens, labels, mask, pos = self._local(b)
+            self.ctx.set_batch(b.cu_seqlens, pos, b.tokens.numel())
+            logits = model(tokens[None], pos[None], None)[0]  # [T_local, vocab]
+            per_tok = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+            loss = (per_tok * mask).sum() / denom
+            loss_sum += loss.detach()
+            if self.engine is not None:
+                self.engine.backward(loss * scale)
+            else:
+                loss.backward()
+        grad_norm = self._sync_and_step()
+        total = loss_sum.clone()
+        self.grad_comm.all_reduce(total, op="sum")
+        loss_val = total.item()
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(f"non-finite loss {loss_val} at step {self.step + 1} on rank {self.rank}; "
+                                     "lower train.lr or check the data")
+        self.step += 1
+        tot = self.ledger.totals()
+        log = StepLog(step=self.step, loss=loss_val, lr=self._lr(), grad_norm=grad_norm,
+                      tokens=sum(b.tokens.numel() for b in batches) * cfg.parallel.dp,
+                      step_s=time.perf_counter() - t0, comm_bytes=tot.bytes_sent, exposed_s=tot.exposed_s)
+        self.history.append(log)
+        return log
+
+    def _lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else self.cfg.train.lr
+
+    def _sync_and_step(self) -> float:
+        if self.engine is not None:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        self.grad_comm.all_reduce(flat, op="sum")  # gradients of the global mean loss
+        off = 0
+        for q in self.params:
+            n = q.numel()
+            q.grad = flat[off:off + n].view_as(q).to(q.dtype)
+            off += n
+        clip = self.cfg.train.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(norm)
+
+    # -- checkpoints -----------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        from distattn.train.checkpoint import save
+        return save(self)
+
+    def load_checkpoint(self) -> None:
+        from distattn.train.checkpoint import load
+        load(self)
+
+    # -- the run -----------------------------------------------------------------------
+    def fit(self, stop_at: int | None = None) -> list[StepLog]:
+        """Train to train.steps (or stop early at step `stop_at`, keeping the schedule)."""
+        from distattn.train.logging import RunLogger
+        cfg = self.cfg
+        last = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
+        logger = RunLogger(cfg, self.rank == 0, start_step=self.step, quiet=self.quiet)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        try:
+            while self.step < last:
+                log = self.train_step()
+                logger.log(log, self.ledger)
+                if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
+                    self.save_checkpoint()
+            if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every:
+                self.save_checkpoint()
+        finally:
+            logger.close()
+        return self.history

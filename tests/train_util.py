@@ -1,0 +1,27 @@
+"""Rank-side helpers for trainer tests (module level so spawned ranks can import them)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from distattn.config import Config
+
+
+def one_step(cfg_dict: dict, steps: int = 1):
+    """Train `steps` steps; rank 0 returns losses and the flattened parameters."""
+    from distattn.train.trainer import Trainer
+    cfg = Config.model_validate(cfg_dict)
+    tr = Trainer(cfg, quiet=True)
+    losses = [tr.train_step().loss for _ in range(steps)]
+    flat = torch.cat([p.detach().reshape(-1).float() for p in tr.model.parameters()])
+    tr.mesh.destroy()
+    return (losses, flat) if dist.get_rank() == 0 else None
+
+
+def fit(cfg_dict: dict, resume: bool = False, stop_at: int | None = None):
+    from distattn.train.trainer import Trainer
+    cfg = Config.model_validate(cfg_dict)
+    tr = Trainer(cfg, resume=resume, quiet=True)
+    hist = tr.fit(stop_at=stop_at)
+    tr.mesh.destroy()
+    return [h.loss for h in hist]
