@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/distattn run configs/default.yaml
+	$(VENV)/bin/distattn train configs/default.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

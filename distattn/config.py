@@ -225,16 +225,16 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     section_key: ClassVar[str] = "train"
-    steps: PosInt = 20
+    steps: PosInt = 150
     grad_accum: PosInt = 1
-    lr: PosFloat = 3e-3
-    min_lr: NonNegFloat = 3e-4
-    warmup_steps: NonNegInt = 5
+    lr: PosFloat = 2e-3
+    min_lr: NonNegFloat = 2e-4
+    warmup_steps: NonNegInt = 10
     weight_decay: NonNegFloat = 0.1
     grad_clip: NonNegFloat = 1.0  # 0 turns clipping off
     zero_stage: Literal[0, 1, 2] = 0
-    log_every: PosInt = 1
-    ckpt_every: NonNegInt = 0  # 0: no periodic checkpoints
+    log_every: PosInt = 10
+    ckpt_every: NonNegInt = 50  # 0: no periodic checkpoints
     tensorboard: bool = True
     comm_timeout_s: PosInt = 300  # a collective blocked this long fails instead of hanging
 

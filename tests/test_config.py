@@ -103,8 +103,8 @@ def test_missing_default_file_falls_back(monkeypatch, tmp_path):
     (["data.source=jsonl"], ["data: source='jsonl' reads files", "set data.path"]),
     (["parallel.attention_servers=2", "parallel.world_size=4"],
      ["parallel.attention_servers=2 needs attention.scheme cad", "attention.scheme=cad"]),
-    (["train.min_lr=0.01"], ["train: lr=0.003 is below min_lr=0.01", "train.min_lr <= 0.003"]),
-    (["train.warmup_steps=30"], ["warmup_steps=30 exceeds steps=20", "train.warmup_steps <= 20"]),
+    (["train.min_lr=0.01"], ["train: lr=0.002 is below min_lr=0.01", "train.min_lr <= 0.002"]),
+    (["train.warmup_steps=300"], ["warmup_steps=300 exceeds steps=150", "train.warmup_steps <= 150"]),
     (["bench.kv_heads=3"], ["bench: heads=8 is not divisible by kv_heads=3", "bench.kv_heads"]),
     (["bench.doc_lens=[100, 200]"], ["doc_lens sum to 300 but seq_len=4096", "bench.seq_len=300"]),
     (["bench.schemes=[ring, ulyses]"],
@@ -177,9 +177,9 @@ def test_empty_file_and_empty_sections_mean_defaults(tmp_path):
     empty.write_text("")
     assert load_config(empty) == Config()
     sparse = tmp_path / "sparse.yaml"
-    sparse.write_text("model:\ntrain:\n  steps: 7\n")
+    sparse.write_text("model:\ntrain:\n  steps: 17\n")
     cfg = load_config(sparse)
-    assert cfg.train.steps == 7 and cfg.model == Config().model
+    assert cfg.train.steps == 17 and cfg.model == Config().model
 
 
 def test_direct_construction_raises_config_error():
