@@ -70,6 +70,7 @@ __all__ = [
     "default_ledger",
     "Handle",
     "Comm",
+    "CommError",
     "OPS",
     "REDUCE_OPS",
 ]
@@ -219,6 +220,11 @@ def default_ledger() -> CommLedger:
 # ----------------------------------------------------------------------------- handle
 
 
+class CommError(RuntimeError):
+    """A collective failed or timed out; the message names the op, group size and phase."""
+
+
+
 class Handle:
     """Result of an async op. wait() blocks, returns the result, and records exposed time = time spent in wait().
 
@@ -244,8 +250,13 @@ class Handle:
         if self._done:
             return self._result
         t0 = time.perf_counter() if self._start is None else self._start
-        for w in self._works:
-            w.wait()
+        try:
+            for w in self._works:
+                w.wait()
+        except RuntimeError as e:  # a dead peer or the process-group time-out: say which op
+            raise CommError(f"{self._op} over a group of {self._group_size} ranks "
+                            f"(phase {self._tag or 'untagged'}) failed after "
+                            f"{time.perf_counter() - t0:.1f}s: {e}") from e
         result = self._finish()
         if self._cuda and self._ledger.sync_cuda:
             torch.cuda.synchronize()

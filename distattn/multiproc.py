@@ -46,6 +46,9 @@ def _worker(rank: int, world: int, port: int, backend: str, threads: int,
             pg_timeout_s: float | None = None) -> None:
     sys.path[:] = sys_path
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # the standard launcher env, so libraries that read it (DeepSpeed) see a normal rank
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
     import torch.distributed as dist
 

@@ -425,3 +425,23 @@ def test_subgroups_use_group_ranks(ranks):
 def test_group_without_distributed_is_rejected():
     with pytest.raises(RuntimeError, match="not initialised"):
         Comm(group=object())  # type: ignore[arg-type]
+
+
+def _one_rank_skips_all_reduce():
+    import torch.distributed as dist
+    from distattn.comm import Comm, CommLedger
+    if dist.get_rank() == 0:
+        Comm(None, CommLedger()).all_reduce(torch.ones(4))
+    else:
+        import time
+        time.sleep(6)
+
+
+def test_hung_collective_fails_naming_the_op():
+    from distattn.multiproc import RankError, RankPool
+    pool = RankPool(2, pg_timeout_s=2)
+    try:
+        with pytest.raises(RankError, match=r"all_reduce over a group of 2 ranks .* failed after"):
+            pool.run(_one_rank_skips_all_reduce, timeout=30)
+    finally:
+        pool.close(force=True)

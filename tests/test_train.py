@@ -74,3 +74,19 @@ def test_bad_configs_fail_before_processes_start():
     with pytest.raises(ConfigError, match="ulysses needs heads % ulysses == 0|heads"):
         load_config(None, ["attention.scheme=ulysses", "parallel.cp=2", "model.num_attention_heads=3",
                            "model.num_query_groups=1", "model.hidden_size=96"])
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_matches_plain_adamw(ranks, tmp_path, stage):
+    plain = cfg_for(tmp_path / "plain")
+    zero = cfg_for(tmp_path / f"zero{stage}", f"train.zero_stage={stage}")
+    want = ranks(2, fit, plain.model_dump())[0]
+    got = ranks(2, fit, zero.model_dump())[0]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_non_finite_loss_names_step_and_rank(ranks, tmp_path):
+    from distattn.multiproc import RankError
+    cfg = cfg_for(tmp_path, "train.lr=1e30", "train.min_lr=1e29", "train.grad_clip=0", "train.steps=4")
+    with pytest.raises(RankError, match=r"non-finite loss .* at step \d+ on rank \d"):
+        ranks(2, fit, cfg.model_dump())

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distattn.comm import Comm, CommLedger
+from distattn.comm import Comm, CommError, CommLedger
 from distattn.config import Config, save_config
 from distattn.mesh import MeshShape, ParallelMesh
 
@@ -242,7 +242,11 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         try:
             while self.step < last:
-                log = self.train_step()
+                try:
+                    log = self.train_step()
+                except CommError as e:
+                    raise CommError(f"step {self.step + 1}, rank {self.rank}: {e} "
+                                    f"(train.comm_timeout_s={cfg.train.comm_timeout_s})") from e
                 logger.log(log, self.ledger)
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
                     self.save_checkpoint()
