@@ -1,6 +1,8 @@
 """Config: defaults, round trip, overrides, and that every bad input says how to fix it."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -188,3 +190,10 @@ def test_direct_construction_raises_config_error():
     with pytest.raises(ConfigError, match=r"^attention\.scheme: 'x' is not a scheme"):
         Config(attention={"scheme": "x"})
     assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).resolve().parent.parent / "configs" / "presets")
+                                          .glob("*.yaml")), ids=lambda p: p.stem)
+def test_presets_load(preset):
+    cfg = load_config(preset)
+    assert cfg.run.name == preset.stem
