@@ -269,14 +269,17 @@ class BenchConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "BenchConfig":
         problems: list[str] = []
-        for i, name in enumerate(self.schemes):
+        for i, full in enumerate(self.schemes):
+            name, _, layout = full.partition("@")
             base, _, degree = name.partition(":")
-            ok = (name in SCHEMES or name in BENCH_PEERS
-                  or (base == "usp" and degree.isdigit() and int(degree) >= 1))
+            ok = ((name in SCHEMES or name in BENCH_PEERS
+                   or (base == "usp" and degree.isdigit() and int(degree) >= 1))
+                  and (not layout or layout in LAYOUTS))
             if not ok:
-                problems.append(f"bench.schemes[{i}]: {name!r} is not a scheme; choose from "
-                                f"{', '.join(SCHEMES + BENCH_PEERS)} or usp:U (ulysses degree U)"
-                                f"{_did_you_mean(name, SCHEMES + BENCH_PEERS)}")
+                problems.append(f"bench.schemes[{i}]: {full!r} is not a scheme; choose from "
+                                f"{', '.join(SCHEMES + BENCH_PEERS)}, usp:U (ulysses degree U), optionally "
+                                f"with @LAYOUT ({', '.join(LAYOUTS)})"
+                                f"{_did_you_mean(full, SCHEMES + BENCH_PEERS)}")
         if self.heads % self.kv_heads:
             choices = ", ".join(map(str, _divisors(self.heads)))
             problems.append(f"heads={self.heads} is not divisible by kv_heads={self.kv_heads}; "

@@ -67,13 +67,16 @@ class RankResult:
 
 
 def _scheme_for(name: str):
+    """'ring', 'usp:2' (ulysses degree), 'ring@doc_zigzag' (layout), or a peer name."""
     import distattn
     if name == "ring-unbalanced":
         return distattn.get_scheme("ring", layout_name="contiguous")
-    if name.startswith("usp"):  # "usp" or "usp:2" (ulysses degree)
+    name, _, layout = name.partition("@")
+    opts = {"layout_name": layout} if layout else {}
+    if name.startswith("usp"):
         u = int(name.split(":", 1)[1]) if ":" in name else 2
-        return distattn.get_scheme("usp", ulysses=u)
-    return distattn.get_scheme(name)
+        return distattn.get_scheme("usp", ulysses=u, **opts)
+    return distattn.get_scheme(name, **opts)
 
 
 def _inputs(spec: BenchSpec, seed: int = 0):
