@@ -1,4 +1,4 @@
-"""The public functional API: shard, unshard, attention (see DESIGN.md).
+"""The public functional API: shard, unshard, attention, linear_attention (see DESIGN.md).
 
 Inputs are this rank's shard in the scheme's layout; `cu_seqlens` are the
 document boundaries of the whole packed sequence, identical on every rank.
@@ -52,3 +52,34 @@ def attention(q, k, v, *, scheme, group=None, cu_seqlens=None, causal: bool = Tr
         raise ValueError(f"scheme {s.name!r} is for linear attention; call distattn.linear_attention")
     return s.attention(q, k, v, group=group, cu_seqlens=cu_seqlens, causal=causal,
                        softmax_scale=softmax_scale, ledger=ledger, n_tokens=n_tokens)
+
+
+def _linear_scheme(scheme):
+    """A linear-attention scheme object from a name ("lasp2", "lasp1", "local") or an object."""
+    from distattn.schemes.lasp2 import LinearLocal
+    from distattn.schemes.local import Local
+    if isinstance(scheme, Local):  # the softmax "local" object: same role, no CP
+        return LinearLocal(layout_name=scheme.layout_name)
+    if scheme == "local":
+        return LinearLocal()
+    s = get_scheme(scheme)
+    if s.kind != "linear":
+        raise ValueError(f"scheme {s.name!r} is for softmax attention; linear_attention takes "
+                         f"'lasp2', 'lasp1' or 'local'")
+    return s
+
+
+def linear_attention(q, k, v, *, scheme, group=None, cu_seqlens=None, decay=None,
+                     feature_map: str | None = None, ledger: CommLedger | None = None,
+                     n_tokens: int | None = None) -> torch.Tensor:
+    """Exact causal linear attention of this rank's shard over the whole sequence.
+
+    o_t = sum_{s <= t, same document} lam^(t-s) (phi(q_t) . phi(k_s)) v_s, with no
+    normalisation. q [T_local, H, dk]; k [T_local, Hkv, dk]; v [T_local, Hkv, dv].
+    `scheme`: "lasp2" | "lasp1" | "local" or a configured linear scheme object.
+    `decay`: None (lam = 1), a float, or a per-query-head [H] tensor in (0, 1].
+    `feature_map`: None / "identity" or "elu1" (elu(x) + 1). Returns [T_local, H, dv].
+    """
+    s = _linear_scheme(scheme)
+    return s.linear_attention(q, k, v, group=group, cu_seqlens=cu_seqlens, decay=decay,
+                              feature_map=feature_map, ledger=ledger, n_tokens=n_tokens)
