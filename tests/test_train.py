@@ -39,6 +39,9 @@ def _compare(ranks, tmp_path, cp, scheme, extra=()):
     ("ring", ("attention.layout=doc_zigzag",)),
     ("allgather", ()),
     ("ulysses", ()),
+    ("allgather", ("model.layer_pattern=LL",)),                 # lasp2 only
+    ("allgather", ("model.layer_pattern=LN",)),                 # hybrid LASP-2H
+    ("ring", ("model.layer_pattern=NL", "attention.layout=doc_zigzag")),
 ])
 def test_cp2_step_equals_single_rank(ranks, tmp_path, scheme, extra):
     _compare(ranks, tmp_path, 2, scheme, extra)

@@ -61,8 +61,24 @@ def build_schemes(cfg: Config, mesh: ParallelMesh):
         softmax.bind(mesh.ulysses_group, mesh.ring_group)
     linear = None
     if "L" in cfg.model.layer_kinds():
-        linear = distattn.get_scheme(a.linear_scheme)
+        linear = _linear_scheme(cfg, softmax)
     return softmax, linear
+
+
+def _linear_scheme(cfg: Config, softmax):
+    """The linear-layer scheme, on exactly the softmax layers' token placement (LASP-2H)."""
+    import distattn
+    from distattn.schemes.hybrid import HybridSpec
+    from distattn.schemes.lasp2 import LinearLocal
+    name = cfg.attention.linear_scheme
+    if name == "local" or cfg.parallel.cp == 1:
+        return LinearLocal(layout_name=getattr(softmax, "layout_name", "contiguous"))
+    lay = getattr(softmax, "layout_name", None) or softmax.default_layout
+    linear = distattn.get_scheme(name, layout_name=lay) if name == "lasp2" else distattn.get_scheme(name)
+    # same tokens on the same ranks for both kinds of layer, or a clear error
+    HybridSpec(linear=linear, softmax=softmax, layout=lay).check(
+        cfg.data.seq_len, cfg.parallel.cp, None)
+    return linear
 
 
 @dataclass
