@@ -1,4 +1,4 @@
-"""`distattn` command line: train, bench, config.
+"""`distattn` command line: train, bench, config, profile, sweep, simulate.
 
 Every command takes a YAML config (default: the embedded configs/default.yaml)
 and `--set a.b=c` overrides, validated before anything starts.
@@ -45,18 +45,52 @@ def cmd_bench_attention(args) -> int:
     return 0
 
 
+def pick_launcher(requested: str, address: str | None) -> str:
+    """auto: torchrun's env if present, else Ray (a dependency), else local processes."""
+    import importlib.util
+
+    from distattn.train.launch import under_torchrun
+    if requested != "auto":
+        return requested
+    if under_torchrun():
+        return "torchrun"
+    return "ray" if importlib.util.find_spec("ray") is not None else "local"
+
+
 def cmd_train(args) -> int:
     from distattn.train.launch import train_local, train_torchrun, under_torchrun
 
     cfg = _load(args)  # validated before any process starts
-    if under_torchrun():
+    launcher = pick_launcher(args.launcher, args.address)
+    if args.address and launcher != "ray":
+        print(f"distattn: --address needs the Ray launcher, not --launcher {launcher}", file=sys.stderr)
+        return 2
+    if launcher == "torchrun":
+        if not under_torchrun():
+            print("distattn: --launcher torchrun: RANK, WORLD_SIZE and MASTER_ADDR are not set; start "
+                  "with `torchrun --nproc-per-node N -m distattn.cli train ...`", file=sys.stderr)
+            return 2
         train_torchrun(cfg, resume=args.resume)
-    else:
+        return 0
+    if launcher == "local":
         hist = train_local(cfg, resume=args.resume)
-        if hist:
-            first, last = hist[0], hist[-1]
-            print(f"done: {len(hist)} steps, loss {first['loss']:.4f} -> {last['loss']:.4f}; "
-                  f"run directory {cfg.run.output_dir}")
+    else:
+        from distattn.train.ray_launch import LaunchError, WorkerFailure, train_ray
+        try:
+            hist = train_ray(cfg, resume=args.resume, address=args.address)
+        except LaunchError as e:
+            print(f"distattn: launch error: {e}", file=sys.stderr)
+            return 2
+        except WorkerFailure as e:
+            print(f"distattn: training failed: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("distattn: interrupted; all ranks stopped", file=sys.stderr)
+            return 130
+    if hist:
+        first, last = hist[0], hist[-1]
+        print(f"done: {len(hist)} steps, loss {first['loss']:.4f} -> {last['loss']:.4f}; "
+              f"run directory {cfg.run.output_dir}")
     return 0
 
 
@@ -94,6 +128,64 @@ def cmd_bench_linear(args) -> int:
     return 0
 
 
+def cmd_bench_hetero(args) -> int:
+    from distattn.bench.hetero import HeteroBenchSpec, format_table, rows_as_dicts, run_hetero_bench
+
+    cfg = _load(args)
+    b, a = cfg.bench, cfg.attention
+    spec = HeteroBenchSpec(
+        lengths=args.lengths, heads=b.heads, kv_heads=b.kv_heads, head_dim=b.head_dim, dtype=b.dtype,
+        world_size=b.world_size, iters=b.iters, warmup=b.warmup,
+        layout=a.layout if a.layout != "weighted" else "zigzag",
+        hetero=dict(block=a.hetero_block, local_blocks=a.hetero_local_blocks, stride=a.hetero_stride,
+                    head_step=a.hetero_head_step, offset=a.hetero_offset,
+                    dense_heads=a.hetero_dense_heads, gqa_pattern=a.hetero_gqa,
+                    allow_partial_coverage=a.hetero_allow_partial_coverage))
+    try:
+        spec.scheme("hetero").validate(heads=b.heads, kv_heads=b.kv_heads, world=b.world_size)
+    except ValueError as e:
+        print(f"distattn: bench hetero: {e}", file=sys.stderr)
+        return 2
+    rows = run_hetero_bench(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_table(rows, spec))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"spec": asdict(spec), "rows": rows_as_dicts(rows)},
+                                              indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_bench_cad(args) -> int:
+    from distattn.bench.cad import CadBenchSpec, format_measured, format_planner, run_cad_bench
+
+    cfg = _load(args)
+    b = cfg.bench
+    try:
+        spec = CadBenchSpec(
+            dists=[d for d in args.dists.split(",") if d], world=args.world, servers=args.servers,
+            tokens_per_rank=args.tokens_per_rank, length_scale=args.length_scale, heads=args.heads,
+            kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=b.dtype, iters=b.iters,
+            warmup=b.warmup, modes=[m for m in args.modes.split(",") if m], plan_world=args.plan_world,
+            plan_tokens=args.plan_tokens, plan_batches=args.plan_batches, tolerance=args.tolerance,
+            min_shard=args.min_shard, token_cost=None if args.token_cost == "auto" else float(args.token_cost))
+    except ValueError as e:
+        print(f"distattn: bench cad: {e}", file=sys.stderr)
+        return 2
+    res = run_cad_bench(spec, planner=not args.no_planner, measured=not args.no_measured,
+                        log=lambda m: print(m, file=sys.stderr, flush=True))
+    from distattn.bench.cad import PlanRow, RunRow
+    if "planner" in res:
+        print(format_planner([PlanRow(**r) for r in res["planner"]], spec))
+    if "measured" in res:
+        print(format_measured([RunRow(**r) for r in res["measured"]], spec, res["token_cost"]))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_config(args) -> int:
     cfg = _load(args)
     sys.stdout.write(cfg.to_yaml())
@@ -127,15 +219,66 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip softmax schemes above this length (0: never skip)")
     bl.add_argument("--json", default=None, help="also write the results as JSON here")
     bl.set_defaults(fn=cmd_bench_linear)
+    bh = bsub.add_parser("hetero", help="heterogeneous per-head shards (hetero) vs dense ring, fwd+bwd, "
+                                        "over lengths: speed-up and bytes ratio")
+    _add_config_args(bh)
+    bh.add_argument("--lengths", type=_int_list, default=[2048, 4096, 8192],
+                    help="comma-separated sequence lengths (default 2048,4096,8192)")
+    bh.add_argument("--json", default=None, help="also write the results as JSON here")
+    bh.set_defaults(fn=cmd_bench_hetero)
+    bc = bsub.add_parser("cad", help="core attention disaggregation vs packing and per-document CP on "
+                                     "long-tailed document lengths (planner figures + measured fwd+bwd)")
+    _add_config_args(bc)
+    bc.add_argument("--dists", default="stdlib,lognormal",
+                    help="length distributions: stdlib (Python stdlib file sizes), lognormal")
+    bc.add_argument("--world", type=int, default=4, help="token-owning ranks of the measured run")
+    bc.add_argument("--servers", type=int, default=0,
+                    help="dedicated attention servers of 'cad dedicated' (0: as many as --world)")
+    bc.add_argument("--tokens-per-rank", type=int, default=8192, help="measured run: tokens per rank")
+    bc.add_argument("--length-scale", type=float, default=1 / 8,
+                    help="measured run: document lengths are multiplied by this")
+    bc.add_argument("--heads", type=int, default=4)
+    bc.add_argument("--kv-heads", type=int, default=2)
+    bc.add_argument("--head-dim", type=int, default=32)
+    bc.add_argument("--modes", default="packing,per-doc CP,cad colocated,cad colocated+pingpong,"
+                                       "cad dedicated", help="comma-separated regimes to measure")
+    bc.add_argument("--plan-world", type=int, default=8, help="planner figures: ranks")
+    bc.add_argument("--plan-tokens", type=_int_list, default=[65536, 131072, 262144, 524288],
+                    help="planner figures: tokens per rank (comma-separated)")
+    bc.add_argument("--plan-batches", type=int, default=5, help="planner figures: batches per row")
+    bc.add_argument("--tolerance", type=float, default=0.02, help="CAD planner tolerance")
+    bc.add_argument("--min-shard", type=int, default=128, help="CAD planner minimum shard (tokens)")
+    bc.add_argument("--token-cost", default="auto",
+                    help="measured run: CAD planner cost per query token in pairs, or 'auto' to fit "
+                         "it to this machine's kernel (planner figures use 0)")
+    bc.add_argument("--no-planner", action="store_true", help="skip the planner figures")
+    bc.add_argument("--no-measured", action="store_true", help="skip the measured run")
+    bc.add_argument("--json", default=None, help="also write the results as JSON here")
+    bc.set_defaults(fn=cmd_bench_cad)
 
-    t = sub.add_parser("train", help="train a model (local ranks, or one rank per process under torchrun)")
+    t = sub.add_parser("train", help="train a model (on Ray, local ranks, or one rank per process "
+                                     "under torchrun)")
     _add_config_args(t)
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.add_argument("--launcher", choices=("auto", "ray", "local", "torchrun"), default="auto",
+                   help="auto (default): torchrun's env if set, else Ray; local: spawned processes "
+                        "on this machine, no Ray")
+    t.add_argument("--address", default=None,
+                   help="existing Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: "
+                        "RAY_ADDRESS, else a local cluster sized from the config)")
     t.set_defaults(fn=cmd_train)
 
     c = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(c)
     c.set_defaults(fn=cmd_config)
+
+    # profiling, context-length sweeps and cluster projections (their own modules)
+    from distattn.profile.cli import add_parser as add_profile
+    from distattn.sim.cli import add_parser as add_simulate
+    from distattn.sweep import add_parser as add_sweep
+    add_profile(sub)
+    add_sweep(sub)
+    add_simulate(sub)
     return p
 
 

@@ -43,6 +43,14 @@ waited on is never recorded. On CUDA, ``work.wait()`` only orders streams, so th
 host clock would not see the transfer: set ``ledger.sync_cuda = True`` to add a
 ``torch.cuda.synchronize()`` before the clock stops (accurate, but serialising).
 
+Profiler labels
+---------------
+While a ``torch.profiler`` runs, every call is labelled ``comm/<op>`` and the
+time the caller is blocked ``comm_wait/<op>`` (the whole call of a blocking op,
+``Handle.wait()`` of an async one: the same span the ledger records), so
+``distattn.profile`` can split a trace into compute and communication. Without
+a profiler the labels cost one C-level check per call.
+
 Groups
 ------
 ``group=None`` means the default WORLD group. When ``torch.distributed`` is not
@@ -62,6 +70,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from distattn.profile.labels import COMM_WAIT, comm_op, region
 
 __all__ = [
     "CommRecord",
@@ -249,6 +259,12 @@ class Handle:
     def wait(self) -> Any:
         if self._done:
             return self._result
+        if self._start is None:  # async: the blocked time is this call (sync ops are labelled whole)
+            with region(COMM_WAIT + self._op):
+                return self._wait()
+        return self._wait()
+
+    def _wait(self) -> Any:
         t0 = time.perf_counter() if self._start is None else self._start
         try:
             for w in self._works:
@@ -353,6 +369,7 @@ class Comm:
 
     # -- point to point
 
+    @comm_op("send", blocking=True)
     def send(self, t: Tensor, dst: int) -> None:
         """Blocking send to group rank ``dst``; sending to oneself queues for a later recv."""
         start = time.perf_counter()
@@ -364,6 +381,7 @@ class Comm:
         dist.send(t.detach().contiguous(), dst=self.global_rank(dst), group=self.group)
         self._issue("send", _nbytes(t), 0, [], lambda: None, False, start, t.is_cuda)
 
+    @comm_op("recv", blocking=True)
     def recv(self, t: Tensor, src: int) -> Tensor:
         """Blocking receive from group rank ``src`` into ``t``; returns ``t``."""
         start = time.perf_counter()
@@ -378,6 +396,7 @@ class Comm:
         copy_back()
         return self._issue("recv", 0, _nbytes(t), [], lambda: t, False, start, t.is_cuda)
 
+    @comm_op("exchange", blocking=False)
     def exchange(self, sends: Sequence[tuple[Tensor, int]],
                  recvs: Sequence[tuple[Tensor, int]]) -> Handle:
         """Post all sends and recvs together; ``wait()`` returns the recv tensors in order.
@@ -426,6 +445,7 @@ class Comm:
 
     # -- collectives
 
+    @comm_op("all_gather")
     def all_gather(self, t: Tensor, async_op: bool = False) -> Tensor | Handle:
         """Gather equal-shaped tensors; result is ``[W, *t.shape]``, contiguous, rank-ordered."""
         start = time.perf_counter()
@@ -439,6 +459,7 @@ class Comm:
         n = _nbytes(t) * (self.size - 1)
         return self._issue("all_gather", n, n, [work], lambda: out, async_op, start, t.is_cuda)
 
+    @comm_op("all_gather_uneven")
     def all_gather_uneven(self, t: Tensor, sizes: Sequence[int],
                           async_op: bool = False) -> list[Tensor] | Handle:
         """Gather tensors whose dim-0 length differs per rank (``sizes`` known everywhere).
@@ -465,6 +486,7 @@ class Comm:
                            lambda: [out[r, : sizes[r]] for r in range(self.size)],
                            async_op, start, t.is_cuda)
 
+    @comm_op("reduce_scatter")
     def reduce_scatter(self, t: Tensor, sizes: Sequence[int] | None = None,
                        async_op: bool = False) -> Tensor | Handle:
         """Sum ``t`` (the full ``[sum(sizes), ...]`` tensor) over ranks; return this rank's dim-0 chunk.
@@ -505,6 +527,7 @@ class Comm:
         return self._issue("reduce_scatter", sent, recv, [work], lambda: pieces.sum(dim=0),
                            async_op, start, t.is_cuda)
 
+    @comm_op("all_to_all")
     def all_to_all(self, t: Tensor, in_splits: Sequence[int] | None = None,
                    out_splits: Sequence[int] | None = None,
                    async_op: bool = False) -> Tensor | Handle:
@@ -543,6 +566,7 @@ class Comm:
                                       input_split_sizes=ins, group=self.group, async_op=True)
         return self._issue("all_to_all", sent, recv, [work], lambda: out, async_op, start, t.is_cuda)
 
+    @comm_op("all_reduce")
     def all_reduce(self, t: Tensor, op: str = "sum", async_op: bool = False) -> Tensor | Handle:
         """In-place reduction over the group; "avg" is sum / W (gloo has no AVG)."""
         start = time.perf_counter()
@@ -568,6 +592,7 @@ class Comm:
         n = 2 * (self.size - 1) * _nbytes(t) // self.size
         return self._issue("all_reduce", n, n, [work], finish, async_op, start, t.is_cuda)
 
+    @comm_op("broadcast", blocking=True)
     def broadcast(self, t: Tensor, src: int) -> Tensor:
         """In-place broadcast from group rank ``src``; returns ``t``."""
         start = time.perf_counter()

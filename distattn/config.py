@@ -19,6 +19,8 @@ LINEAR_SCHEMES = ("lasp2", "lasp1", "local")
 BENCH_PEERS = ("ring-unbalanced", "deepspeed-ulysses")
 DATA_SOURCES = ("stdlib", "text_dir", "jsonl", "megatron", "synthetic")
 LAYER_KINDS = "NL"  # N: softmax attention layer, L: linear attention layer
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+ENGINES = ("actors", "ray_train")
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -202,6 +204,24 @@ class AttentionConfig(_Section):
     dkv_dtype: Literal["fp32", "input"] = "fp32"
     allgather_head_stride: PosInt | None = None
     linear_scheme: LinearSchemeName = "lasp2"
+    # per-rank speed weights for layout "weighted" (schemes ring, allgather, hetero)
+    layout_weights: list[PosFloat] | None = None
+    # scheme hetero: per-head block-sparse pattern (local window + per-head vertical stride)
+    hetero_block: PosInt = 64
+    hetero_local_blocks: PosInt = 2
+    hetero_stride: PosInt = 4
+    hetero_head_step: PosInt | None = None
+    hetero_offset: NonNegInt = 0
+    hetero_dense_heads: NonNegInt = 0
+    hetero_gqa: Literal["kv", "q"] = "kv"
+    hetero_allow_partial_coverage: bool = False
+    hetero_dense_every: NonNegInt = 0
+    # scheme cad: core attention disaggregation (colocated: every cp rank also serves attention)
+    cad_tolerance: NonNegFloat = 0.05
+    cad_min_shard: PosInt = 128
+    cad_linear_cost: NonNegFloat = 0.0
+    cad_token_cost: NonNegFloat = 0.0
+    cad_pingpong: bool = False
 
 
 class DataConfig(_Section):
@@ -251,6 +271,26 @@ class TrainConfig(_Section):
         return self
 
 
+class LaunchConfig(_Section):
+    """How `distattn train` places its ranks on a Ray cluster (ignored by --launcher local/torchrun)."""
+
+    section_key: ClassVar[str] = "launch"
+    engine: Literal[ENGINES] = "actors"
+    cpus_per_worker: PosFloat = 1.0
+    gpus_per_worker: NonNegInt | None = None  # None: 1 when the cluster has GPUs, else 0
+    placement: Literal[PLACEMENTS] = "PACK"
+    nodes: NonNegInt = 0  # 0: wherever placement puts them; N: exactly N nodes, world_size/N each
+    max_failures: Annotated[int, Strict(), Field(ge=-1)] = 0  # -1: unlimited restarts
+    start_timeout_s: PosInt = 60  # resources must be granted and ranks up within this
+
+    @model_validator(mode="after")
+    def _check(self) -> "LaunchConfig":
+        if self.nodes > 1 and self.placement == "STRICT_PACK":
+            _fail([f"placement=STRICT_PACK keeps every rank on one node, but nodes={self.nodes}; "
+                   f"set launch.nodes=1 (or 0) or launch.placement=PACK"])
+        return self
+
+
 class BenchConfig(_Section):
     section_key: ClassVar[str] = "bench"
     seq_len: PosInt = 4096
@@ -296,6 +336,40 @@ class BenchConfig(_Section):
         return self
 
 
+WEIGHTED_SCHEMES = ("ring", "allgather", "hetero", "lasp2", "lasp1")  # lasp*: layout via allgather
+
+
+def _attention_problems(a: AttentionConfig, model: ModelConfig, par: ParallelConfig) -> list[str]:
+    """Layout weights and the hetero pattern: checks that need the model and parallel sections."""
+    problems: list[str] = []
+    w = a.layout_weights
+    if w is not None:
+        if a.layout != "weighted":
+            problems.append(f"attention.layout_weights={w} needs attention.layout=weighted, got "
+                            f"{a.layout!r}; set attention.layout=weighted or attention.layout_weights=null")
+        if len(w) != par.cp:
+            problems.append(f"attention.layout_weights has {len(w)} entries but parallel.cp={par.cp}; "
+                            f"give one speed weight per context-parallel rank")
+        if a.scheme not in WEIGHTED_SCHEMES:
+            problems.append(f"attention.layout_weights applies to schemes {', '.join(WEIGHTED_SCHEMES)}; "
+                            f"scheme {a.scheme!r} would ignore it; set attention.layout_weights=null")
+    if a.scheme == "hetero":
+        from distattn.kernels.sparse import HeteroPattern
+        try:
+            pat = HeteroPattern(block=a.hetero_block, local_blocks=a.hetero_local_blocks,
+                                stride=a.hetero_stride, head_step=a.hetero_head_step,
+                                offset=a.hetero_offset, dense_heads=a.hetero_dense_heads,
+                                gqa_pattern=a.hetero_gqa)
+            pat.check_coverage(model.num_attention_heads, model.num_query_groups,
+                               a.hetero_allow_partial_coverage)
+        except ValueError as e:
+            problems.append(f"attention.scheme: {e} (keys: attention.hetero_stride, hetero_head_step, "
+                            f"hetero_dense_heads, hetero_gqa, hetero_allow_partial_coverage; "
+                            f"model.num_attention_heads={model.num_attention_heads}, "
+                            f"model.num_query_groups={model.num_query_groups})")
+    return problems
+
+
 def _largest_divisor_dividing(cp: int, heads: int) -> int:
     return max(d for d in _divisors(cp) if heads % d == 0)
 
@@ -309,6 +383,7 @@ class Config(_Section):
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
 
     @model_validator(mode="after")
@@ -328,13 +403,23 @@ class Config(_Section):
                 problems.append(self._heads_problem("ulysses", heads, par.ulysses, par.cp))
         elif scheme == "usp" and heads % par.ulysses:
             problems.append(self._heads_problem("usp", heads, par.ulysses, par.cp))
-        elif scheme in ("ring", "allgather") and par.ulysses > 1:
+        elif scheme in ("ring", "allgather", "hetero") and par.ulysses > 1:
             problems.append(f"attention.scheme: {scheme} does not split heads, but parallel.ulysses="
                             f"{par.ulysses}; use scheme usp (ulysses={par.ulysses}, ring={par.ring}) "
                             f"or set parallel.ulysses=1")
+        problems.extend(_attention_problems(self.attention, self.model, par))
         if par.attention_servers > 0 and scheme != "cad":
             problems.append(f"parallel.attention_servers={par.attention_servers} needs attention.scheme "
                             f"cad, got {scheme!r}; set attention.scheme=cad or parallel.attention_servers=0")
+        nodes = self.launch.nodes
+        if nodes and par.world_size % nodes:
+            fits = ", ".join(str(d) for d in _divisors(par.world_size))
+            problems.append(f"launch.nodes={nodes} cannot hold world_size={par.world_size} ranks evenly; "
+                            f"set launch.nodes to one of {fits} (or 0 to let placement decide)")
+        if self.launch.engine == "ray_train" and par.attention_servers:
+            problems.append(f"launch.engine=ray_train runs one uniform worker group, but "
+                            f"parallel.attention_servers={par.attention_servers} needs a separate server "
+                            f"role; set launch.engine=actors")
         _fail(problems)
         return self
 
@@ -552,7 +637,7 @@ def save_config(cfg: Config, path: str | Path) -> Path:
 
 
 __all__ = [
-    "AttentionConfig", "BenchConfig", "Config", "ConfigError", "DataConfig", "ModelConfig",
+    "AttentionConfig", "BenchConfig", "Config", "ConfigError", "DataConfig", "LaunchConfig", "ModelConfig",
     "ParallelConfig", "RunConfig", "TrainConfig", "DEFAULT_CONFIG_PATH", "SCHEMES", "LAYOUTS",
     "apply_overrides", "load_config", "save_config",
 ]

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from distattn.layout import Run, as_cu_seqlens
+from distattn.profile.labels import region
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -425,6 +426,18 @@ def segment_backward(q, k, v, do, loglam, block: int = DEFAULT_BLOCK, s0=None, g
 # ----------------------------------------------------------------------------- whole-run state terms
 
 
+def _state_region(fn):
+    """Label a state term `compute/linear_state` in profiler traces (no cost otherwise)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with region("compute/linear_state"):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_state_region
 def run_state(k, v, loglam) -> torch.Tensor:
     """State a run leaves behind from zero: sum_j lam^(L-1-j) k_j^T v_j -> [A, dk, dv]."""
     n = k.shape[2]
@@ -432,6 +445,7 @@ def run_state(k, v, loglam) -> torch.Tensor:
     return torch.matmul(_scale(k[:, 0], None if w is None else w[:, 0]).transpose(-1, -2), v[:, 0])
 
 
+@_state_region
 def run_state_backward(k, v, g, loglam) -> tuple[torch.Tensor, torch.Tensor]:
     """dk, dv ([A, 1, L, d]) of `run_state` given g = d loss / d state [A, dk, dv]."""
     n = k.shape[2]
@@ -442,18 +456,21 @@ def run_state_backward(k, v, g, loglam) -> tuple[torch.Tensor, torch.Tensor]:
     return dk, dv
 
 
+@_state_region
 def apply_state(q, s, loglam) -> torch.Tensor:
     """Output of a run's queries against the state entering it: (q * lam^(j+1)) s -> [A, R, L, dv]."""
     w = _ramp(loglam, q.shape[2], 1, 1, q.device)
     return torch.matmul(_scale(q, w), s[:, None])
 
 
+@_state_region
 def apply_state_grad_q(do, s, loglam) -> torch.Tensor:
     """d q of `apply_state`: (do s^T) * lam^(j+1)."""
     w = _ramp(loglam, do.shape[2], 1, 1, do.device)
     return _scale(torch.matmul(do, s[:, None].transpose(-1, -2)), w)
 
 
+@_state_region
 def state_grad(q, do, loglam) -> torch.Tensor:
     """d loss / d (state entering a run) through the run's own outputs: sum_R (q*lam^(j+1))^T do."""
     w = _ramp(loglam, q.shape[2], 1, 1, q.device)
@@ -465,6 +482,11 @@ def state_grad(q, do, loglam) -> torch.Tensor:
 
 def chunk_forward(q, k, v, runs: Sequence[Run], loglam, block: int = DEFAULT_BLOCK) -> torch.Tensor:
     """Grouped output of every run of a local buffer, each from zero state."""
+    with region("compute/linear_fwd"):
+        return _chunk_forward(q, k, v, runs, loglam, block)
+
+
+def _chunk_forward(q, k, v, runs: Sequence[Run], loglam, block: int) -> torch.Tensor:
     a, r, t, _ = q.shape
     if len(runs) == 1 and runs[0].local_start == 0 and runs[0].length == t:
         return segment_forward(q, k, v, loglam, block)[0]
@@ -477,6 +499,11 @@ def chunk_forward(q, k, v, runs: Sequence[Run], loglam, block: int = DEFAULT_BLO
 
 def chunk_backward(q, k, v, do, runs: Sequence[Run], loglam, block: int = DEFAULT_BLOCK):
     """Grouped dq, dk, dv of `chunk_forward` (every run from zero state, no later tokens)."""
+    with region("compute/linear_bwd"):
+        return _chunk_backward(q, k, v, do, runs, loglam, block)
+
+
+def _chunk_backward(q, k, v, do, runs: Sequence[Run], loglam, block: int):
     t = q.shape[2]
     if len(runs) == 1 and runs[0].local_start == 0 and runs[0].length == t:
         return segment_backward(q, k, v, do, loglam, block)[:3]

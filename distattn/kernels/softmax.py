@@ -21,6 +21,7 @@ import torch
 
 from distattn.kernels.backends import Backend, select_backend
 from distattn.kernels.merge import merge_into
+from distattn.profile.labels import region
 
 
 @dataclass(frozen=True)
@@ -127,9 +128,11 @@ def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, calls: Sequ
     if out is None:
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-    for c in calls:
-        o, l = be.forward(_view(q, c.q0, c.q1), _view(k, c.k0, c.k1), _view(v, c.k0, c.k1), c.causal, scale)
-        merge_into(out[c.q0:c.q1], lse[c.q0:c.q1], o[0].transpose(0, 1), l[0].transpose(0, 1))
+    with region("compute/attn_fwd"):
+        for c in calls:
+            o, l = be.forward(_view(q, c.q0, c.q1), _view(k, c.k0, c.k1), _view(v, c.k0, c.k1), c.causal,
+                              scale)
+            merge_into(out[c.q0:c.q1], lse[c.q0:c.q1], o[0].transpose(0, 1), l[0].transpose(0, 1))
     return out, lse
 
 
@@ -149,11 +152,12 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     dq = torch.zeros(q.shape, dtype=f32, device=q.device) if dq is None else dq
     dk = torch.zeros(k.shape, dtype=f32, device=k.device) if dk is None else dk
     dv = torch.zeros(v.shape, dtype=f32, device=v.device) if dv is None else dv
-    for c in calls:
-        lse_c = lse[c.q0:c.q1].t().unsqueeze(0).contiguous()
-        gq, gk, gv = be.backward(_view(dout, c.q0, c.q1), _view(q, c.q0, c.q1), _view(k, c.k0, c.k1),
-                                 _view(v, c.k0, c.k1), _view(out, c.q0, c.q1), lse_c, c.causal, scale)
-        dq[c.q0:c.q1] += gq[0].transpose(0, 1)
-        dk[c.k0:c.k1] += gk[0].transpose(0, 1)
-        dv[c.k0:c.k1] += gv[0].transpose(0, 1)
+    with region("compute/attn_bwd"):
+        for c in calls:
+            lse_c = lse[c.q0:c.q1].t().unsqueeze(0).contiguous()
+            gq, gk, gv = be.backward(_view(dout, c.q0, c.q1), _view(q, c.q0, c.q1), _view(k, c.k0, c.k1),
+                                     _view(v, c.k0, c.k1), _view(out, c.q0, c.q1), lse_c, c.causal, scale)
+            dq[c.q0:c.q1] += gq[0].transpose(0, 1)
+            dk[c.k0:c.k1] += gk[0].transpose(0, 1)
+            dv[c.k0:c.k1] += gv[0].transpose(0, 1)
     return dq, dk, dv

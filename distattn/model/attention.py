@@ -76,7 +76,10 @@ class DistAttnCore(MegatronModule):
     def _attend(self, q, k, v):
         import distattn
         ctx = self.context
-        return distattn.attention(q.contiguous(), k.contiguous(), v, scheme=ctx.softmax_scheme,
+        scheme = ctx.softmax_scheme
+        if hasattr(scheme, "for_layer"):  # per-layer choice, e.g. hetero's dense every k-th layer
+            scheme = scheme.for_layer(self.layer_number - 1)  # megatron numbers layers from 1
+        return distattn.attention(q.contiguous(), k.contiguous(), v, scheme=scheme,
                                   group=ctx.group, cu_seqlens=ctx.cu_seqlens, causal=True,
                                   softmax_scale=self.softmax_scale, ledger=ctx.ledger,
                                   n_tokens=ctx.n_tokens)

@@ -169,6 +169,7 @@ class AllGather(Scheme):
 
     layout_name: str = "zigzag"
     head_stride: int | None = None
+    layout_weights: tuple[float, ...] | None = None  # per-rank speeds (layout "weighted")
 
     def __post_init__(self):
         hs = self.head_stride

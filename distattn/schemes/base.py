@@ -105,9 +105,15 @@ class Scheme:
 
     # -- layout ---------------------------------------------------------------
     def layout(self, n_tokens: int, world: int, cu_seqlens=None) -> Layout:
-        """The token layout this scheme expects its inputs in."""
+        """The token layout this scheme expects its inputs in.
+
+        Schemes with a `layout_weights` option (per-rank speed weights) pass it
+        to the layout; only the "weighted" layout accepts weights.
+        """
         name = getattr(self, "layout_name", None) or self.default_layout
-        return get_layout(name, n_tokens, world, cu_seqlens)
+        weights = getattr(self, "layout_weights", None)
+        return get_layout(name, n_tokens, world, cu_seqlens,
+                          weights=None if weights is None else tuple(weights))
 
     # -- checks ---------------------------------------------------------------
     def validate(self, *, heads: int, kv_heads: int, world: int) -> None:

@@ -143,6 +143,7 @@ class Ring(Scheme):
 
     layout_name: str = "zigzag"
     dkv_dtype: str = "fp32"
+    layout_weights: tuple[float, ...] | None = None  # per-rank speeds (layout "weighted")
 
     def __post_init__(self):
         if self.dkv_dtype not in DKV_DTYPES:

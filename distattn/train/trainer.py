@@ -43,17 +43,33 @@ def build_schemes(cfg: Config, mesh: ParallelMesh):
     import distattn
     a = cfg.attention
     name = a.scheme
-    if name in ("lasp2", "lasp1", "local") and name != "local":
+    if name in ("lasp2", "lasp1"):
         name = "allgather"  # a linear-only model still needs a layout; allgather accepts any
     opts: dict = {}
-    if name in ("ring", "allgather", "ulysses", "usp"):
+    if name in ("ring", "allgather", "ulysses", "usp", "hetero"):
         opts["layout_name"] = a.layout
+    if name in ("ring", "allgather", "hetero") and a.layout_weights is not None:
+        opts["layout_weights"] = tuple(a.layout_weights)
+    if name == "hetero":
+        opts.update(block=a.hetero_block, local_blocks=a.hetero_local_blocks, stride=a.hetero_stride,
+                    head_step=a.hetero_head_step, offset=a.hetero_offset,
+                    dense_heads=a.hetero_dense_heads, gqa_pattern=a.hetero_gqa,
+                    allow_partial_coverage=a.hetero_allow_partial_coverage,
+                    dense_every=a.hetero_dense_every)
     if name in ("ring", "usp", "ulysses"):
         opts["dkv_dtype"] = a.dkv_dtype
     if name == "allgather" and a.allgather_head_stride:
         opts["head_stride"] = a.allgather_head_stride
     if name == "usp":
         opts["ulysses"] = cfg.parallel.ulysses
+    if name == "cad":  # colocated: the cp ranks serve attention; the planner's owner is the layout
+        if cfg.parallel.attention_servers:
+            raise ValueError("attention.scheme=cad trains colocated (every cp rank serves attention); "
+                             "dedicated attention servers are not wired into the trainer: set "
+                             "parallel.attention_servers=0")
+        opts.update(layout_name=a.layout, tolerance=a.cad_tolerance, min_shard=a.cad_min_shard,
+                    linear_cost=a.cad_linear_cost, token_cost=a.cad_token_cost,
+                    pingpong=a.cad_pingpong)
     if name == "local":
         opts = {}
     softmax = distattn.get_scheme(name, **opts)

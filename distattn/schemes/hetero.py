@@ -1,0 +1,588 @@
+"""Heterogeneous per-head context shards (S2-Attention style) under context parallelism.
+
+Every head attends to a local window of blocks plus one residue class of
+earlier blocks (`distattn.kernels.sparse.HeteroPattern`); heads use different
+classes, so together they cover the whole causal context while each head reads
+a fraction of it. Under CP a rank therefore fetches only the K/V blocks that
+its queries' heads need and computes only the visible blocks.
+
+Plan (built once per shape and cached; every rank derives every other rank's
+needs from the deterministic layout, so no metadata is exchanged):
+- every rank's runs are cut into *pieces* at document-relative block boundaries;
+- a key piece is *needed* by rank r for class c when some query piece of r sees
+  it under c (off-diagonal blocks by the pattern rule; a piece of the query's own
+  block when it holds a key at or before one of r's queries there);
+- KV heads whose query heads span the same set of classes form a *group*; a
+  group's KV heads are fetched at the union of its classes' needed pieces.
+  With gqa_pattern="kv" (default) each group is exactly one class, so a KV head
+  travels only at its own class's blocks.
+
+Forward: one `exchange` posts, to every peer, the rows of my K/V each of its
+groups needs (one message per peer and group); while it travels the own-K/V part
+is computed; then the fetched part, merged into the same fp32 (out, lse) with the
+online-softmax merge. For each class, the needed pieces of a document are laid
+out in a virtual key buffer (by `index_select`) as [strided blocks ascending |
+other blocks ascending], so the strided blocks a query block sees form one
+prefix and its window one range: every query piece costs at most two rectangle
+calls plus its diagonal, whatever its position.
+
+Backward reuses the fetched K/V (saved by forward: a fraction of the full K/V)
+and sends nothing but fp32 dK/dV home: the fetched part's gradients are computed
+first and posted, and the own part is computed while they travel.
+
+Traffic per rank r (s = bytes per element, D = head_dim): with rows(i->j, G)
+the token rows of rank i's K/V that rank j needs for group G, |G| its KV heads,
+  forward   exchange  sum_{j != r} sum_G rows(r->j, G) * 2 * |G| * D * s   (what peers fetch)
+  backward  exchange  sum_{j != r} sum_G rows(j->r, G) * 2 * |G| * D * 4   (fp32 dK/dV of
+                      what I fetched, sent home)
+`comm_bytes` evaluates this from the same plan, so it equals the ledger.
+
+Kernels: the blockwise path of `kernels.softmax` (`block_forward` /
+`block_backward` over planned rectangles and causal squares). On CUDA the same
+path runs on CUDA tensors through the CUDA backends (SDPA / flash-attn): it is
+exact, but it issues a few small kernel calls per query block and head class,
+so on a GPU it is bound by launch overhead and much slower than one dense
+kernel. A fused block-sparse kernel (a flex_attention block mask, or one varlen
+call over per-block gathered keys) is the missing fast GPU path.
+
+Layouts: any (zigzag by default; `weighted` with `layout_weights` for uneven
+devices). The weighted layout balances *dense* causal cost; a sparse pattern's
+cost also grows with position (window + position/stride blocks per query), so
+zigzag-style pairing still balances it approximately, not exactly.
+
+Per-layer dense/sparse: `dense_every` = k makes layers 0, k, 2k, ... dense; the
+model asks `scheme.for_layer(layer_idx)`, which returns a ring scheme over the
+same layout for dense layers and this scheme otherwise.
+"""
+from __future__ import annotations
+
+import bisect
+import functools
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from distattn.comm import Comm
+from distattn.kernels.softmax import (BlockCall, _coalesce, block_backward, block_forward,
+                                      check_shapes, default_scale, plan_calls)
+from distattn.kernels.sparse import HeteroPattern, layer_is_dense
+from distattn.layout import Run, as_cu_seqlens, get_layout
+from distattn.schemes.base import (AttnShape, CommVolume, Scheme, make_comm, register,
+                                   total_tokens)
+
+
+# ----------------------------------------------------------------------------- plan
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of one rank cut at a document-relative block boundary."""
+
+    owner: int
+    local_start: int  # row in the owner's buffer
+    start: int        # global token index
+    length: int
+    doc: int
+    doc_start: int
+    block: int        # block index inside the document
+
+
+def cut_pieces(runs: Sequence[Run], block: int, owner: int) -> list[Piece]:
+    out = []
+    for r in runs:
+        i = r.start
+        while i < r.end:
+            b = (i - r.doc_start) // block
+            stop = min(r.end, r.doc_start + (b + 1) * block)
+            out.append(Piece(owner, r.local_start + i - r.start, i, stop - i, r.doc, r.doc_start, b))
+            i = stop
+    return out
+
+
+def _ranges_tensor(ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Concatenated aranges of (start, length) row ranges."""
+    parts = [torch.arange(a, a + n, dtype=torch.long) for a, n in ranges if n]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+def _as_slice(idx: Sequence[int]) -> slice | None:
+    if idx and list(idx) == list(range(idx[0], idx[0] + len(idx))):
+        return slice(idx[0], idx[0] + len(idx))
+    return None
+
+
+class _QueryIndex:
+    """Which blocks a rank's queries occupy, per document (for need tests)."""
+
+    def __init__(self, q_pieces: Sequence[Piece]):
+        blocks: dict[int, set[int]] = {}
+        self.last: dict[tuple[int, int], int] = {}  # (doc, block) -> largest query index there
+        for p in q_pieces:
+            blocks.setdefault(p.doc, set()).add(p.block)
+            key = (p.doc, p.block)
+            self.last[key] = max(self.last.get(key, -1), p.start + p.length - 1)
+        self.blocks = {d: sorted(b) for d, b in blocks.items()}
+
+    def any_in(self, doc: int, lo: int, hi: int) -> bool:
+        """Some query block b with lo <= b <= hi."""
+        bs = self.blocks.get(doc)
+        if not bs or hi < lo:
+            return False
+        i = bisect.bisect_left(bs, lo)
+        return i < len(bs) and bs[i] <= hi
+
+
+def _needed(pat: HeteroPattern, cls: int | None, qi: _QueryIndex, k: Piece, causal: bool) -> bool:
+    """Does some query of the rank see key piece `k` under class `cls`?"""
+    d, b = k.doc, k.block
+    if d not in qi.blocks:
+        return False
+    if causal:
+        last = qi.last.get((d, b))
+        if last is not None and k.start <= last:
+            return True  # the diagonal block: the piece starts at or before one of my queries
+        if pat.strided(cls, b):
+            return qi.blocks[d][-1] > b
+        return qi.any_in(d, b + 1, b + pat.local_blocks - 1)
+    if (d, b) in qi.last or pat.strided(cls, b):
+        return True
+    return qi.any_in(d, b - pat.local_blocks + 1, b + pat.local_blocks - 1)
+
+
+@dataclass
+class _Virtual:
+    """A class's needed key pieces in one part (own or fetched), laid out for few kernel calls."""
+
+    pieces: list[Piece]
+    offsets: list[int]                        # buffer offset of every piece
+    # per document: (first, blocks) of its strided list and of its other list
+    strided: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
+    other: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.offsets[-1] if self.offsets else 0
+
+
+def _virtual(pat: HeteroPattern, cls: int | None, pieces: Sequence[Piece]) -> _Virtual:
+    by_doc: dict[int, list[Piece]] = {}
+    for p in sorted(pieces, key=lambda p: p.start):
+        by_doc.setdefault(p.doc, []).append(p)
+    v = _Virtual([], [0])
+    for d in sorted(by_doc):
+        s = [p for p in by_doc[d] if pat.strided(cls, p.block)]
+        o = [p for p in by_doc[d] if not pat.strided(cls, p.block)]
+        for lst, table in ((s, v.strided), (o, v.other)):
+            table[d] = (len(v.pieces), [p.block for p in lst])
+            for p in lst:
+                v.pieces.append(p)
+                v.offsets.append(v.offsets[-1] + p.length)
+    return v
+
+
+def _calls(pat: HeteroPattern, v: _Virtual, q_pieces: Sequence[Piece], causal: bool) -> list[BlockCall]:
+    """Kernel calls of my query pieces against virtual buffer `v` (local q rows x buffer rows)."""
+    calls: list[BlockCall] = []
+    L = pat.local_blocks
+    off = v.offsets
+
+    def rect(qp: Piece, table, d, lo_blk, hi_blk):
+        """Rectangle over the pieces of `table[d]` with lo_blk <= block <= hi_blk."""
+        if d not in table or hi_blk < lo_blk:
+            return
+        first, blocks = table[d]
+        a = bisect.bisect_left(blocks, lo_blk)
+        b = bisect.bisect_right(blocks, hi_blk)
+        if b > a:
+            calls.append(BlockCall(qp.local_start, qp.local_start + qp.length,
+                                   off[first + a], off[first + b], False))
+
+    def diag_runs(table, d, blk) -> list[Run]:
+        if d not in table:
+            return []
+        first, blocks = table[d]
+        a, b = bisect.bisect_left(blocks, blk), bisect.bisect_right(blocks, blk)
+        return [Run(off[i], p.start, p.length, p.doc, p.doc_start)
+                for i, p in ((first + j, v.pieces[first + j]) for j in range(a, b))]
+
+    big = 1 << 62
+    for qp in q_pieces:
+        d, bq = qp.doc, qp.block
+        rect(qp, v.strided, d, 0, bq - 1)
+        rect(qp, v.other, d, bq - L + 1, bq - 1)
+        if not causal:
+            rect(qp, v.strided, d, bq + 1, big)
+            rect(qp, v.other, d, bq + 1, bq + L - 1)
+        diag = diag_runs(v.strided, d, bq) + diag_runs(v.other, d, bq)
+        if diag:
+            calls.extend(plan_calls([Run(qp.local_start, qp.start, qp.length, qp.doc, qp.doc_start)],
+                                    diag, causal))
+    return _coalesce(calls)
+
+
+@dataclass
+class _Unit:
+    """One kernel batch: query heads of one class whose KV heads lie in one group."""
+
+    cls: int | None
+    group: int
+    kv_heads: list[int]   # global KV heads
+    q_heads: list[int]    # global query heads; q_heads[i] uses kv_heads[i // (len(q)/len(kv))]
+    hpos: list[int]       # positions of kv_heads inside the group's head list
+
+
+class HeteroPlan:
+    """Everything rank `rank` needs to run the scheme for one shape (CPU ints and index tensors)."""
+
+    def __init__(self, pat: HeteroPattern, heads: int, kv_heads: int, causal: bool,
+                 peer_runs: Sequence[list[Run]], rank: int):
+        self.rank, self.world = rank, len(peer_runs)
+        self.heads, self.kv_heads = heads, kv_heads
+        W = self.world
+        self.sizes = [sum(r.length for r in runs) for runs in peer_runs]
+        pieces = [cut_pieces(runs, pat.block, j) for j, runs in enumerate(peer_runs)]
+        all_pieces = [p for ps in pieces for p in ps]
+
+        q_cls = pat.head_classes(heads, kv_heads)
+        order = sorted({c for c in q_cls if c is not None})
+        self.classes: list[int | None] = order + ([None] if None in q_cls else [])
+        rep = heads // kv_heads
+        # KV groups: KV heads whose query heads span the same classes
+        sig = [frozenset(q_cls[g * rep:(g + 1) * rep]) for g in range(kv_heads)]
+        self.groups: list[list[int]] = []
+        self.group_classes: list[frozenset] = []
+        for g in range(kv_heads):
+            if sig[g] in self.group_classes:
+                self.groups[self.group_classes.index(sig[g])].append(g)
+            else:
+                self.group_classes.append(sig[g])
+                self.groups.append([g])
+
+        # needs of every rank (I send what my peers need)
+        def needs_of(j: int) -> dict:
+            qi = _QueryIndex(pieces[j])
+            return {c: [p for p in all_pieces if _needed(pat, c, qi, p, causal)] for c in self.classes}
+
+        mine = needs_of(rank)
+
+        def group_rows(need: dict, gi: int, owner: int) -> list[Piece]:
+            got = {p for c in self.group_classes[gi] for p in need[c] if p.owner == owner}
+            return sorted(got, key=lambda p: p.local_start)
+
+        # sends: rows of my buffer each peer needs, per group
+        self.send_rows: dict[tuple[int, int], torch.Tensor] = {}
+        self.send_count: dict[tuple[int, int], int] = {}
+        for j in range(W):
+            if j == rank:
+                continue
+            need_j = needs_of(j)
+            for gi in range(len(self.groups)):
+                rows = group_rows(need_j, gi, rank)
+                self.send_count[(j, gi)] = sum(p.length for p in rows)
+                self.send_rows[(j, gi)] = _ranges_tensor([(p.local_start, p.length) for p in rows])
+        # receives: group gi's fetched rows, peer by peer in rank order
+        self.recv_off: dict[tuple[int, int], tuple[int, int]] = {}  # (j, gi) -> (offset, rows)
+        self.src_rows: list[int] = []
+        row_of: list[dict[Piece, int]] = []
+        for gi in range(len(self.groups)):
+            at, where = 0, {}
+            for j in range(W):
+                if j == rank:
+                    continue
+                rows = group_rows(mine, gi, j)
+                n = sum(p.length for p in rows)
+                self.recv_off[(j, gi)] = (at, n)
+                for p in rows:
+                    where[p] = at
+                    at += p.length
+            self.src_rows.append(at)
+            row_of.append(where)
+
+        # per class: own and fetched virtual buffers, their calls and row indices
+        qp = pieces[rank]
+        self.calls_own: dict = {}
+        self.calls_rem: dict = {}
+        self.idx_own: dict = {}
+        self.idx_rem: dict = {}
+        self.pairs_by_class: dict = {}
+        for c in self.classes:
+            own = _virtual(pat, c, [p for p in mine[c] if p.owner == rank])
+            rem = _virtual(pat, c, [p for p in mine[c] if p.owner != rank])
+            self.calls_own[c] = _calls(pat, own, qp, causal)
+            self.calls_rem[c] = _calls(pat, rem, qp, causal)
+            self.idx_own[c] = _ranges_tensor([(p.local_start, p.length) for p in own.pieces])
+            for gi, cs in enumerate(self.group_classes):
+                if c in cs:
+                    self.idx_rem[(c, gi)] = _ranges_tensor([(row_of[gi][p], p.length) for p in rem.pieces])
+            self.pairs_by_class[c] = sum(x.pairs for x in self.calls_own[c] + self.calls_rem[c])
+
+        # kernel units: per class and group, query heads sharing a repetition factor
+        self.units: list[_Unit] = []
+        for c in self.classes:
+            for gi, ks in enumerate(self.groups):
+                per_kv = {g: [h for h in range(g * rep, (g + 1) * rep) if q_cls[h] == c] for g in ks}
+                by_m: dict[int, list[int]] = {}
+                for g in ks:
+                    if per_kv[g]:
+                        by_m.setdefault(len(per_kv[g]), []).append(g)
+                for m, gs in sorted(by_m.items()):
+                    self.units.append(_Unit(c, gi, gs, [h for g in gs for h in per_kv[g]],
+                                            [ks.index(g) for g in gs]))
+        self.q_heads_of = {c: sum(1 for h in q_cls if h == c) for c in self.classes}
+        self._dev: dict = {}
+
+    # -- accounting ---------------------------------------------------------------
+    @property
+    def pairs(self) -> int:
+        """(head, query, key) pairs this rank computes: the realised FLOPs / (4 * head_dim)."""
+        return sum(self.pairs_by_class[c] * self.q_heads_of[c] for c in self.classes)
+
+    def sent_rows(self) -> int:
+        """K/V token rows x KV heads this rank sends (each way once)."""
+        return sum(n * len(self.groups[gi]) for (j, gi), n in self.send_count.items())
+
+    def fetched_rows(self) -> int:
+        """K/V token rows x KV heads this rank receives."""
+        return sum(n * len(self.groups[gi]) for (j, gi), (_, n) in self.recv_off.items())
+
+    def index(self, device) -> dict:
+        """Index tensors on `device` (moved once per device)."""
+        key = str(device)
+        if key not in self._dev:
+            mv = lambda d: {k: t.to(device) for k, t in d.items()}  # noqa: E731
+            self._dev[key] = {"own": mv(self.idx_own), "rem": mv(self.idx_rem),
+                              "send": mv(self.send_rows),
+                              "heads": {gi: torch.tensor(g, dtype=torch.long, device=device)
+                                        for gi, g in enumerate(self.groups)}}
+        return self._dev[key]
+
+
+@functools.lru_cache(maxsize=8)  # plans hold O(N) index tensors; batches with new documents replan
+def get_plan(pat: HeteroPattern, heads: int, kv_heads: int, causal: bool, layout_name: str,
+             n_tokens: int, world: int, cu_seqlens: tuple | None, weights: tuple | None,
+             rank: int) -> HeteroPlan:
+    lay = get_layout(layout_name, n_tokens, world, list(cu_seqlens) if cu_seqlens else None,
+                     weights=weights)
+    return HeteroPlan(pat, heads, kv_heads, causal, [lay.runs(r) for r in range(world)], rank)
+
+
+# ----------------------------------------------------------------------------- compute
+
+def _take_heads(x: torch.Tensor, heads: Sequence[int], dim: int) -> torch.Tensor:
+    s = _as_slice(heads)
+    if s is not None:
+        return x.narrow(dim, s.start, s.stop - s.start)
+    return x.index_select(dim, torch.tensor(list(heads), dtype=torch.long, device=x.device))
+
+
+def _group_kv(kv: torch.Tensor, rows: torch.Tensor, heads: Sequence[int]) -> torch.Tensor:
+    """kv[rows][:, :, heads] for a [T, 2, Hkv, D] buffer, copying only the selected rows and heads."""
+    if len(heads) == kv.shape[2]:
+        return kv.index_select(0, rows)
+    s = _as_slice(heads)
+    if s is not None:  # a head range: narrow (a view), then copy the rows
+        return kv[:, :, s].index_select(0, rows)
+    return _take_heads(kv.index_select(0, rows), heads, 2)
+
+
+def _add_rows(dst: torch.Tensor, rows: torch.Tensor, heads: Sequence[int], src: torch.Tensor) -> None:
+    """dst[rows, :, heads] += src for a [T, 2, H, D] fp32 accumulator."""
+    s = _as_slice(heads)
+    if s is not None:
+        dst[:, :, s].index_add_(0, rows, src)
+        return
+    for j, h in enumerate(heads):
+        dst[:, :, h].index_add_(0, rows, src[:, :, j])
+
+
+def _unit_kv(plan: HeteroPlan, u: _Unit, part: str, kv_local, src, ix):
+    if part == "own":
+        return _group_kv(kv_local, ix["own"][u.cls], u.kv_heads)
+    return _group_kv(src[u.group], ix["rem"][(u.cls, u.group)], u.hpos)
+
+
+def hetero_forward(comm: Comm, q, k, v, plan: HeteroPlan, scale: float):
+    """fp32 (out, lse) of local q, plus the fetched K/V per group (kept for backward)."""
+    ix = plan.index(q.device)
+    kv = torch.stack((k, v), dim=1)  # [T, 2, Hkv, D]
+    sends, recvs, src = [], [], []
+    for gi, g in enumerate(plan.groups):
+        src.append(kv.new_empty((plan.src_rows[gi], 2, len(g), kv.shape[-1])))
+    for j in range(plan.world):
+        if j == plan.rank:
+            continue
+        for gi, g in enumerate(plan.groups):
+            if plan.send_count[(j, gi)]:
+                sends.append((_group_kv(kv, ix["send"][(j, gi)], g), j))
+            at, n = plan.recv_off[(j, gi)]
+            if n:
+                recvs.append((src[gi][at:at + n], j))
+    pending = comm.exchange(sends, recvs)  # travels while the own part is computed
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    for part in ("own", "rem"):
+        if part == "rem":
+            pending.wait()
+        for u in plan.units:
+            calls = (plan.calls_own if part == "own" else plan.calls_rem)[u.cls]
+            if not calls:
+                continue
+            kvb = _unit_kv(plan, u, part, kv, src, ix)
+            qs = _as_slice(u.q_heads)
+            if qs is not None:
+                block_forward(q[:, qs], kvb[:, 0], kvb[:, 1], calls, scale, out[:, qs], lse[:, qs])
+            else:
+                qh = torch.tensor(u.q_heads, dtype=torch.long, device=q.device)
+                o, l = out.index_select(1, qh), lse.index_select(1, qh)
+                block_forward(q.index_select(1, qh), kvb[:, 0], kvb[:, 1], calls, scale, o, l)
+                out[:, qh], lse[:, qh] = o, l
+    return out, lse, src
+
+
+def hetero_backward(comm: Comm, dout, q, k, v, out, lse, src, plan: HeteroPlan, scale: float):
+    """dq, dk, dv (fp32): fetched part first and its dK/dV posted home, then the own part."""
+    ix = plan.index(q.device)
+    f32 = torch.float32
+    kv = torch.stack((k, v), dim=1)
+    dq = torch.zeros(q.shape, dtype=f32, device=q.device)
+    dkv = torch.zeros(kv.shape, dtype=f32, device=kv.device)
+    dsrc = [torch.zeros(s.shape, dtype=f32, device=s.device) for s in src]
+
+    def run(part: str, u: _Unit, calls) -> torch.Tensor:
+        kvb = _unit_kv(plan, u, part, kv, src, ix)
+        g = torch.zeros(kvb.shape, dtype=f32, device=kvb.device)
+        qs = _as_slice(u.q_heads)
+        if qs is not None:
+            block_backward(dout[:, qs], q[:, qs], kvb[:, 0], kvb[:, 1], out[:, qs], lse[:, qs],
+                           calls, scale, dq=dq[:, qs], dk=g[:, 0], dv=g[:, 1])
+        else:
+            qh = torch.tensor(u.q_heads, dtype=torch.long, device=q.device)
+            dqu = torch.zeros((q.shape[0], len(u.q_heads), q.shape[2]), dtype=f32, device=q.device)
+            block_backward(dout.index_select(1, qh), q.index_select(1, qh), kvb[:, 0], kvb[:, 1],
+                           out.index_select(1, qh), lse.index_select(1, qh), calls, scale,
+                           dq=dqu, dk=g[:, 0], dv=g[:, 1])
+            dq.index_add_(1, qh, dqu)
+        return g
+
+    for u in plan.units:
+        calls = plan.calls_rem[u.cls]
+        if calls:
+            _add_rows(dsrc[u.group], ix["rem"][(u.cls, u.group)], u.hpos, run("rem", u, calls))
+    sends, recvs = [], []
+    for j in range(plan.world):
+        if j == plan.rank:
+            continue
+        for gi, g in enumerate(plan.groups):
+            at, n = plan.recv_off[(j, gi)]
+            if n:
+                sends.append((dsrc[gi][at:at + n], j))
+            m = plan.send_count[(j, gi)]
+            if m:
+                recvs.append((torch.empty((m, 2, len(g), kv.shape[-1]), dtype=f32, device=kv.device),
+                              (j, gi)))
+    pending = comm.exchange(sends, [(t, j) for t, (j, _) in recvs])  # home while own part runs
+    for u in plan.units:
+        calls = plan.calls_own[u.cls]
+        if calls:
+            _add_rows(dkv, ix["own"][u.cls], u.kv_heads, run("own", u, calls))
+    got = pending.wait()
+    for t, (_, (j, gi)) in zip(got, recvs):
+        _add_rows(dkv, ix["send"][(j, gi)], plan.groups[gi], t)
+    return dq, dkv[:, 0], dkv[:, 1]
+
+
+class _HeteroAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, comm: Comm, plan: HeteroPlan, scale: float):
+        with comm.ledger.tag("fwd"):
+            out, lse, src = hetero_forward(comm, q, k, v, plan, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.src, ctx.comm, ctx.plan, ctx.scale = src, comm, plan, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        with ctx.comm.ledger.tag("bwd"):
+            dq, dk, dv = hetero_backward(ctx.comm, dout.contiguous(), q, k, v, out, lse, ctx.src,
+                                         ctx.plan, ctx.scale)
+        ctx.src = None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+# ----------------------------------------------------------------------------- scheme
+
+@register("hetero")
+@dataclass
+class Hetero(Scheme):
+    """Per-head heterogeneous block-sparse attention; each rank fetches only the K/V blocks it needs."""
+
+    block: int = 64                  # tokens per block (counted from each document's start)
+    local_blocks: int = 2            # local window in blocks, diagonal included
+    stride: int = 4                  # vertical stride in blocks
+    head_step: int | None = None     # stride phase step between pattern heads (None: auto)
+    offset: int = 0                  # stride phase of pattern head 0
+    dense_heads: int = 0             # the last pattern heads that attend densely
+    gqa_pattern: str = "kv"          # "kv": q heads share their KV head's pattern; "q": per q head
+    allow_partial_coverage: bool = False
+    dense_every: int = 0             # model hint: layers 0, k, 2k, ... dense (0: none)
+    layout_name: str = "zigzag"
+    layout_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        self.pattern  # validates the pattern options  # noqa: B018
+        if isinstance(self.dense_every, bool) or not isinstance(self.dense_every, int) \
+                or self.dense_every < 0:
+            raise ValueError(f"hetero dense_every must be an integer >= 0 (0: no dense layers), "
+                             f"got {self.dense_every!r}")
+        if self.layout_weights is not None:
+            self.layout_weights = tuple(float(w) for w in self.layout_weights)
+
+    @property
+    def pattern(self) -> HeteroPattern:
+        return HeteroPattern(block=self.block, local_blocks=self.local_blocks, stride=self.stride,
+                             head_step=self.head_step, offset=self.offset,
+                             dense_heads=self.dense_heads, gqa_pattern=self.gqa_pattern)
+
+    def validate(self, *, heads: int, kv_heads: int, world: int) -> None:
+        super().validate(heads=heads, kv_heads=kv_heads, world=world)
+        self.pattern.check_coverage(heads, kv_heads, self.allow_partial_coverage)
+
+    def for_layer(self, layer_idx: int) -> Scheme:
+        """The scheme layer `layer_idx` (0-based) runs: dense ring on dense layers, else this one."""
+        if layer_is_dense(layer_idx, self.dense_every):
+            from distattn.schemes.ring import Ring
+            return Ring(layout_name=self.layout_name, layout_weights=self.layout_weights)
+        return self
+
+    def plan(self, n_tokens: int, heads: int, kv_heads: int, world: int, rank: int, cu_seqlens=None,
+             causal: bool = True) -> HeteroPlan:
+        cu = as_cu_seqlens(cu_seqlens, n_tokens)
+        return get_plan(self.pattern, heads, kv_heads, bool(causal), self.layout_name, int(n_tokens),
+                        int(world), tuple(cu) if cu_seqlens is not None else None,
+                        self.layout_weights, int(rank))
+
+    def attention(self, q, k, v, *, group, cu_seqlens=None, causal=True, softmax_scale=None,
+                  ledger=None, n_tokens=None):
+        comm = make_comm(group, ledger)
+        check_shapes(q, k, v)
+        self.validate(heads=q.shape[1], kv_heads=k.shape[1], world=comm.size)
+        n = total_tokens(q.shape[0], comm, n_tokens)
+        plan = self.plan(n, q.shape[1], k.shape[1], comm.size, comm.rank, cu_seqlens, causal)
+        if q.shape[0] != plan.sizes[comm.rank]:
+            raise ValueError(f"rank {comm.rank} holds {q.shape[0]} tokens but the {self.layout_name} "
+                             f"layout of {n} tokens gives it {plan.sizes[comm.rank]}")
+        return _HeteroAttention.apply(q, k, v, comm, plan, default_scale(q.shape[-1], softmax_scale))
+
+    def comm_bytes(self, shape: AttnShape, world: int, rank: int = 0, causal: bool = True) -> CommVolume:
+        self.validate(heads=shape.heads, kv_heads=shape.kv_heads, world=world)
+        plan = self.plan(shape.n_tokens, shape.heads, shape.kv_heads, world, rank, shape.cu_seqlens,
+                         causal)
+        row = 2 * shape.head_dim  # K and V elements per token and KV head
+        # forward: the rows my peers fetch from me; backward: the fp32 dK/dV of the rows I fetched
+        return CommVolume(fwd={"exchange": plan.sent_rows() * row * shape.dtype_bytes},
+                          bwd={"exchange": plan.fetched_rows() * row * 4})
+
+
+__all__ = ["Hetero", "HeteroPlan", "Piece", "cut_pieces", "get_plan", "layer_is_dense"]

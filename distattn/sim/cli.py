@@ -1,0 +1,259 @@
+"""`distattn simulate`: schemes side by side at a chosen scale, scaling curves, validation."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+DEFAULT_SCHEMES = "ring,ring-basic,allgather,ulysses,usp:8,lasp2,lasp1"
+ALIASES = {"ring@contiguous": "ring-basic", "ring@zigzag": "ring"}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from distattn.sim.cluster import PRESETS
+    from distattn.sim.training import MODELS
+
+    p = sub.add_parser("simulate", help="project the schemes to 8-1024 GPUs with an alpha-beta cluster model "
+                                        "(same traffic formulas as the code); --validate checks it against "
+                                        "published results")
+    p.add_argument("--gpus", type=int, default=64, help="context-parallel GPUs (default 64)")
+    p.add_argument("--seq", type=int, default=None,
+                   help="sequence length in tokens (default 131072 per layer table, or --tokens-per-gpu x GPUs)")
+    p.add_argument("--tokens-per-gpu", type=int, default=None,
+                   help="weak scaling: sequence = this x GPUs (overrides --seq)")
+    p.add_argument("--cluster", default="h100", choices=sorted(PRESETS), help="cluster preset (default h100)")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--model", default=None, choices=sorted(MODELS),
+                   help="project a whole training step of this model (tokens/s, memory, max context) "
+                        "instead of one attention layer")
+    p.add_argument("--schemes", default=DEFAULT_SCHEMES,
+                   help=f"comma-separated (default {DEFAULT_SCHEMES}); ring-basic = ring on the contiguous "
+                        f"layout; usp:U = ulysses U x ring; ring-linear = the K/V ring on linear attention")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2), default=2,
+                   help="--model: ZeRO stage over the GPUs for optimizer state / gradients (default 2)")
+    p.add_argument("--no-recompute", action="store_true",
+                   help="--model: keep all activations (default: full activation recomputation)")
+    p.add_argument("--overhead", type=float, default=0.0,
+                   help="--model: framework overhead per step in seconds (default 0)")
+    p.add_argument("--calibrate", default=None, metavar="JSON",
+                   help="measured benchmark: `distattn bench attention --json` output, or a JSON with "
+                        "attn_flops_per_s / matmul_flops_per_s / call_overhead_s")
+    p.add_argument("--scaling", type=_ints, default=None, metavar="W1,W2,...",
+                   help="also project over these GPU counts (CSV + PNG)")
+    p.add_argument("--png", default=None, help="scaling plot path (default simulate_scaling.png in --out)")
+    p.add_argument("--out", default=None, help="write table.md, table.csv, table.json (and the scaling files) here")
+    p.add_argument("--validate", action="store_true",
+                   help="compare with published relative results (ring zigzag vs basic, LASP-2 vs LASP-1 "
+                        "and Ring Attention) and exit non-zero if a claimed comparison is off by > 15%%")
+    p.set_defaults(fn=cmd_simulate)
+    return p
+
+
+def _cluster(args):
+    from distattn.sim.cluster import calibrate, get_cluster
+    c = get_cluster(args.cluster)
+    note = ""
+    if args.calibrate:
+        cal = calibrate(args.calibrate, c)
+        c = cal.apply(c)
+        note = "; ".join(cal.notes) or f"calibrated from {args.calibrate}"
+    return c, note
+
+
+def _seq(args, world: int) -> int:
+    if args.tokens_per_gpu:
+        return args.tokens_per_gpu * world
+    return args.seq or 131072
+
+
+def _workload(args, seq: int):
+    from distattn.sim.model import AttnWorkload
+    return AttnWorkload(seq=seq, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                        dtype_bytes=2 if args.dtype == "bf16" else 4)
+
+
+def layer_rows(args, cluster, world: int, schemes: list[str]) -> list[dict]:
+    from distattn.sim.model import layer_time, single_device_time
+    seq = _seq(args, world)
+    w = _workload(args, seq)
+    single = single_device_time(w, cluster)
+    rows = []
+    for s in schemes:
+        row = {"scheme": s, "gpus": world, "seq": seq}
+        try:
+            lt = layer_time(s, w, cluster, world)
+        except (ValueError, AssertionError) as e:
+            row.update(status=f"n/a: {str(e).splitlines()[0][:90]}")
+            rows.append(row)
+            continue
+        linear = s in ("lasp2", "lasp1", "ring-linear")
+        row.update(status="ok", fwd_ms=lt.fwd_s * 1e3, bwd_ms=lt.bwd_s * 1e3, layer_ms=lt.total_s * 1e3,
+                   compute_ms=lt.compute_s * 1e3, comm_ms=lt.comm_s * 1e3, exposed_ms=lt.exposed_s * 1e3,
+                   mib_sent=lt.bytes_sent / 2**20, mem_gib=lt.mem_bytes / 2**30,
+                   efficiency=math.nan if linear else single / (world * lt.total_s), notes=lt.notes)
+        rows.append(row)
+    return rows
+
+
+def model_rows(args, cluster, world: int, schemes: list[str]) -> list[dict]:
+    from distattn.sim.training import MODELS, max_context, step_time
+    model = MODELS[args.model]
+    seq = _seq(args, world)
+    rows = []
+    for s in schemes:
+        linear = s in ("lasp2", "lasp1", "ring-linear")
+        kinds = model.kinds
+        if linear and "L" not in kinds or not linear and "N" not in kinds:
+            continue
+        kw = {"linear_scheme": s} if linear else {"softmax_scheme": s}
+        if linear and "N" in kinds:
+            kw["softmax_scheme"] = "allgather"
+        row = {"scheme": s, "gpus": world, "seq": seq, "model": model.name}
+        try:
+            mem_kw = {"zero_stage": args.zero, "recompute": not args.no_recompute}
+            st = step_time(model, seq, world, cluster, step_overhead_s=args.overhead,
+                           lasp1_sync_every_layer=False, **kw, **mem_kw)
+            mc = max_context(model, world, cluster, **kw, **mem_kw)
+        except (ValueError, AssertionError) as e:
+            row.update(status=f"n/a: {str(e).splitlines()[0][:90]}")
+            rows.append(row)
+            continue
+        row.update(status="ok", step_s=st.step_s, tokens_per_s=st.tokens_per_s, attention_s=st.attention_s,
+                   dense_s=st.dense_s, grad_sync_s=st.grad_sync_s, mem_gib=st.mem_bytes / 2**30,
+                   fits=st.fits, max_context=mc, schemes=f"N:{st.softmax_scheme} L:{st.linear_scheme}")
+        rows.append(row)
+    return rows
+
+
+def _fmt(v, nd=1):
+    if isinstance(v, float):
+        return "n/a" if v != v else f"{v:,.{nd}f}"
+    return str(v)
+
+
+def format_rows(rows: list[dict], model: bool) -> str:
+    if model:
+        cols = [("scheme", "scheme"), ("gpus", "GPUs"), ("schemes", "layers"), ("tokens_per_s", "tokens/s"), ("step_s", "step s"),
+                ("attention_s", "attention s"), ("dense_s", "dense s"), ("grad_sync_s", "grad sync s"),
+                ("mem_gib", "GiB/GPU"), ("fits", "fits"), ("max_context", "max context")]
+    else:
+        cols = [("scheme", "scheme"), ("gpus", "GPUs"), ("layer_ms", "fwd+bwd ms"), ("fwd_ms", "fwd ms"), ("bwd_ms", "bwd ms"),
+                ("compute_ms", "compute ms"), ("comm_ms", "comm ms"), ("exposed_ms", "exposed ms"),
+                ("mib_sent", "MiB sent/GPU"), ("mem_gib", "attn GiB/GPU"), ("efficiency", "efficiency")]
+    out = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        if r.get("status") != "ok":
+            out.append(f"| {r['scheme']} | {r.get('status')} |" + " |" * (len(cols) - 2))
+            continue
+        nd = {"step_s": 3, "attention_s": 3, "dense_s": 3, "grad_sync_s": 3, "efficiency": 3, "tokens_per_s": 0}
+        out.append("| " + " | ".join(_fmt(r.get(k, ""), nd.get(k, 1)) for k, _ in cols) + " |")
+    return "\n".join(out)
+
+
+def plot_scaling(rows: list[dict], path: Path, model: bool, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    key, ylabel = (("tokens_per_s", "tokens / s per training step") if model else
+                   ("layer_ms", "one attention layer, fwd+bwd (ms)"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for s in dict.fromkeys(r["scheme"] for r in rows):
+        pts = [r for r in rows if r["scheme"] == s and r.get("status") == "ok"]
+        if not pts:
+            continue
+        xs = [r["gpus"] for r in pts]
+        axes[0].plot(xs, [r[key] for r in pts], marker="o", ms=3, label=s)
+        second = "mem_gib" if model else "exposed_ms"
+        axes[1].plot(xs, [max(r[second], 1e-3) for r in pts], marker="o", ms=3, label=s)
+    axes[0].set_ylabel(ylabel, fontsize=8)
+    axes[1].set_ylabel("GiB per GPU" if model else "exposed communication (ms)", fontsize=8)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("GPUs", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _write(out: Path, stem: str, rows: list[dict], text: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=2, default=str))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with (out / f"{stem}.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def cmd_simulate(args) -> int:
+    if args.validate:
+        from distattn.sim.validate import format_validation, table6_check, validate
+        rows = validate()
+        text = "Simulator vs published results\n\n" + format_validation(rows)
+        text += "\n\nLASP-2 throughput vs the paper's Table 6 (informational)\n\n" + format_validation(table6_check())
+        print(text)
+        if args.out:
+            _write(Path(args.out), "validation", [r.as_dict() for r in rows], text)
+        bad = [r for r in rows if not r.ok and not r.known_gap]
+        return 1 if bad else 0
+    try:
+        cluster, note = _cluster(args)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"distattn simulate: --calibrate: {e}", file=sys.stderr)
+        return 2
+    schemes = [ALIASES.get(s, s) for s in args.schemes.split(",") if s]
+    model = args.model is not None
+    rowfn = model_rows if model else layer_rows
+    rows = rowfn(args, cluster, args.gpus, schemes)
+    seq = _seq(args, args.gpus)
+    what = (f"model {args.model}, one training step (ZeRO-{args.zero}, "
+            f"{'no' if args.no_recompute else 'full'} recomputation)" if model else
+            f"one attention layer: {args.heads}/{args.kv_heads} heads x {args.head_dim}, {args.dtype}, causal")
+    head = (f"distattn simulate: {args.gpus} GPUs, sequence {seq:,} tokens; {what}\n{cluster.describe()}"
+            + (f"\ncalibration: {note}" if note else ""))
+    text = head + "\n\n" + format_rows(rows, model)
+    print(text)
+    if not model:
+        print("\nefficiency = single-GPU time of the whole sequence / (GPUs x layer time); n/a for linear "
+              "attention (no quadratic single-GPU reference)")
+    out = Path(args.out) if args.out else None
+    if out:
+        _write(out, "table", rows, text)
+    if args.scaling:
+        srows = []
+        for w in args.scaling:
+            srows += rowfn(args, cluster, w, schemes)
+        stext = format_rows(srows, model).replace("| scheme |", "| scheme |", 1)
+        title = (f"{cluster.name}: " + (f"{args.model}, " if model else f"{args.heads}/{args.kv_heads}x{args.head_dim} ")
+                 + (f"{args.tokens_per_gpu} tokens/GPU" if args.tokens_per_gpu else f"N={_seq(args, 1):,}"))
+        png = Path(args.png) if args.png else (out or Path(".")) / "simulate_scaling.png"
+        plot_scaling(srows, png, model, title)
+        if out:
+            _write(out, "scaling", srows, stext)
+        print(f"\nscaling over {args.scaling} GPUs: {png}")
+    return 0

@@ -1,0 +1,163 @@
+"""A whole training step of a transformer on a context-parallel group: tokens/s and memory per GPU.
+
+Per rank (batch 1, the sequence split over W ranks, no tensor or pipeline
+parallelism): every layer costs its dense work (QKV/O projections and a SwiGLU
+MLP: 6 FLOPs per parameter per token, forward + backward) plus its attention
+layer (``layer_time`` of the softmax scheme for N layers, of the linear scheme
+for L layers); the LM head adds 6 x vocab x hidden per token; the gradients are
+all-reduced over the W ranks once per step (not overlapped); and
+``step_overhead_s`` stands for everything else a real framework spends per
+step (optimizer, launch gaps, host work), which a measurement calibrates.
+
+Memory per rank: 18 bytes per parameter (bf16 weights 2, fp32 gradients 4,
+fp32 master weights and two Adam moments 12), of which ZeRO stage 1 shards the
+12 and stage 2 also the gradients over the W ranks; plus activations,
+``act_bytes_per_token`` per token and layer (34 x hidden x 2 bytes by default,
+Megatron's estimate with flash attention and no recomputation; with full
+recomputation only each layer's input, 2 x hidden bytes, is kept, plus one
+layer's full activations); plus the attention scheme's working set.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from distattn.sim.cluster import Cluster
+from distattn.sim.model import AttnWorkload, LayerTime, attention_memory, layer_time
+
+__all__ = ["ModelSpec", "MODELS", "StepTime", "step_time", "step_memory", "max_context"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    pattern: str = ""  # per layer: N softmax, L linear; "" = all N
+    dtype_bytes: int = 2
+    grad_bytes: int = 4  # gradients are reduced in fp32
+    act_bytes_per_token: float | None = None  # per layer; None: 34 * hidden * 2
+    tied_embeddings: bool = False
+
+    @property
+    def kinds(self) -> str:
+        return self.pattern or "N" * self.layers
+
+    @property
+    def layer_params(self) -> int:
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return h * q + 2 * h * kv + q * h + 3 * h * self.ffn
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + (1 if self.tied_embeddings else 2) * self.vocab * self.hidden
+
+    def attn(self, seq: int) -> AttnWorkload:
+        return AttnWorkload(seq=seq, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                            dtype_bytes=self.dtype_bytes)
+
+
+MODELS: dict[str, ModelSpec] = {
+    # the LASP-2 paper's Linear-Llama3-1B: 16 layers, hidden 2048, 16 heads of 128, pure basic linear attention
+    "linear-llama3-1b": ModelSpec("linear-llama3-1b", 16, 2048, 16, 16, 128, 8192, 128256, "L" * 16,
+                                  tied_embeddings=True),
+    "llama3-1b": ModelSpec("llama3-1b", 16, 2048, 32, 8, 64, 8192, 128256, tied_embeddings=True),
+    "llama3-8b": ModelSpec("llama3-8b", 32, 4096, 32, 8, 128, 14336, 128256),
+    "llama3-8b-hybrid": ModelSpec("llama3-8b-hybrid", 32, 4096, 32, 8, 128, 14336, 128256, "LLLN" * 8),
+}
+
+
+@dataclass
+class StepTime:
+    model: str
+    softmax_scheme: str
+    linear_scheme: str
+    world: int
+    seq: int
+    step_s: float
+    tokens_per_s: float
+    dense_s: float
+    attention_s: float
+    grad_sync_s: float
+    overhead_s: float
+    mem_bytes: float
+    fits: bool
+    layers: dict[str, dict] = field(default_factory=dict)  # kind -> LayerTime dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def step_time(model: ModelSpec, seq: int, world: int, cluster: Cluster, softmax_scheme: str = "ring",
+              linear_scheme: str = "lasp2", step_overhead_s: float = 0.0,
+              lasp1_sync_every_layer: bool = True, zero_stage: int = 0, recompute: bool = False) -> StepTime:
+    """One training step of ``model`` on a sequence of ``seq`` tokens split over ``world`` devices."""
+    t_local = math.ceil(seq / world)
+    mm = cluster.device.matmul_time
+    dense_layer = mm(6.0 * model.layer_params * t_local, calls=21)
+    head = mm(6.0 * model.vocab * model.hidden * t_local, calls=3)
+    kinds = model.kinds
+    cache: dict[str, LayerTime] = {}
+    for k in set(kinds):
+        name = softmax_scheme if k == "N" else linear_scheme
+        opts = {"sync_every_layer": lasp1_sync_every_layer, "layers": kinds.count("L")} if name == "lasp1" else {}
+        cache[k] = layer_time(name, model.attn(seq), cluster, world, **opts)
+    attn = sum(cache[k].total_s for k in kinds)
+    grad = cluster.all_reduce(model.params * model.grad_bytes, world)
+    if recompute:  # the forward runs twice
+        attn += sum(cache[k].fwd_s for k in kinds)
+        dense_layer *= 4 / 3
+    total = step_overhead_s + model.layers * dense_layer + head + attn + grad
+    mem = step_memory(model, seq, world, softmax_scheme, linear_scheme, zero_stage, recompute)
+    return StepTime(model=model.name, softmax_scheme=softmax_scheme if "N" in kinds else "-",
+                    linear_scheme=linear_scheme if "L" in kinds else "-", world=world, seq=seq, step_s=total,
+                    tokens_per_s=seq / total, dense_s=model.layers * dense_layer + head, attention_s=attn,
+                    grad_sync_s=grad, overhead_s=step_overhead_s, mem_bytes=mem,
+                    fits=mem <= cluster.device.memory_bytes,
+                    layers={("softmax" if k == "N" else "linear"): lt.as_dict() for k, lt in cache.items()})
+
+
+def step_memory(model: ModelSpec, seq: int, world: int, softmax_scheme: str = "ring",
+                linear_scheme: str = "lasp2", zero_stage: int = 0, recompute: bool = False) -> float:
+    """Bytes per GPU: parameters with optimizer state, activations, the largest attention working set."""
+    t_local = math.ceil(seq / world)
+    act = model.act_bytes_per_token if model.act_bytes_per_token is not None else 34 * model.hidden * 2
+    attn = max(attention_memory(softmax_scheme if k == "N" else linear_scheme, model.attn(seq), world)
+               for k in set(model.kinds))
+    per_param = {0: 18.0, 1: 6.0 + 12.0 / world, 2: 2.0 + 16.0 / world}[zero_stage]
+    if recompute:
+        acts = 2 * model.hidden * t_local * model.layers + act * t_local
+    else:
+        acts = act * t_local * model.layers
+    return per_param * model.params + acts + attn
+
+
+def max_context(model: ModelSpec, world: int, cluster: Cluster, granularity: int = 1024, **kw) -> int:
+    """Largest sequence (multiple of ``granularity`` and of 2W) whose step fits device memory; 0 if none."""
+    g = max(granularity, 2 * world)
+    g = math.lcm(g, 2 * world)
+
+    schemes = {k: kw[k] for k in ("softmax_scheme", "linear_scheme", "zero_stage", "recompute") if k in kw}
+
+    def fits(n: int) -> bool:
+        return step_memory(model, n, world, **schemes) <= cluster.device.memory_bytes
+
+    lo, hi = 0, g
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 1 << 34:
+            return lo
+    while hi - lo > g:
+        mid = (lo + hi) // 2 // g * g
+        if mid <= lo:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,618 @@
+"""`distattn sweep SWEEP.yaml`: context-length scaling over schemes x lengths x world sizes.
+
+Every point is an attention-level run, like ``distattn bench attention``: W
+local ranks (gloo on CPU, NCCL on GPUs) each generate their own shard of random
+q/k/v (no full-length tensor is ever built, so memory is what the scheme needs),
+then time ``warmup + iters`` forward + backward passes of one attention layer
+(softmax schemes through ``distattn.attention``, linear ones through
+``distattn.linear_attention``). Attention-level runs isolate the scheme: a
+trainer step adds embeddings, MLPs and the optimizer, whose memory and time
+scale the same way for every scheme and would blur the comparison, and it costs
+far more per point on a CPU.
+
+Per point, the maximum over ranks of:
+
+- ``step_s``: wall time of one fwd+bwd (median over iterations), and
+  ``tokens_per_s`` = N / step_s;
+- ``compute_s``: the main thread's CPU time of one fwd+bwd (the critical path
+  on a machine with fewer cores than ranks, see docs/benchmarks.md);
+- ``bytes_sent`` and ``exposed_s`` per fwd+bwd, from the ledger;
+- ``peak_mem_bytes``: peak resident memory of the rank during the point minus
+  its resident memory before the inputs were made (Linux: VmHWM after resetting
+  it via /proc/self/clear_refs, with free heap returned first by malloc_trim;
+  elsewhere ru_maxrss, which cannot be reset, so points must then be run in
+  increasing size); on CUDA the allocator's peak over the point.
+
+A point that fails is recorded with its status (``oom`` when the failure says
+so, ``failed``, ``timeout``, ``invalid`` for a scheme that cannot run that
+shape) and the sweep goes on with a fresh pool of ranks.
+
+Maximum trainable context: for every scheme and world size, a doubling search
+from the largest length that fit (or ``search.start``) up to ``search.max``,
+then a bisection to ``search.granularity`` tokens, finds the largest N whose
+point succeeds with ``peak_mem_bytes <= memory_budget_mib``.
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["SweepSpec", "Point", "load_sweep", "run_point_on_ranks", "run_sweep", "add_parser"]
+
+LINEAR = ("lasp2", "lasp1")
+DTYPES = ("fp32", "bf16")
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+@dataclass
+class SearchSpec:
+    enabled: bool = True
+    start: int = 4096
+    max: int = 1 << 20
+    granularity: int = 1024
+
+
+@dataclass
+class SweepSpec:
+    name: str = "sweep"
+    out_dir: str = "runs/sweeps/latest"
+    schemes: list[str] = field(default_factory=lambda: ["ring", "allgather"])
+    lengths: list[int] = field(default_factory=lambda: [2048, 4096])
+    worlds: list[int] = field(default_factory=lambda: [2])
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    dtype: str = "fp32"
+    causal: bool = True
+    iters: int = 2
+    warmup: int = 1
+    threads: int = 1
+    backend: str = "auto"  # auto | gloo | nccl
+    timeout_s: float = 600.0
+    memory_budget_mib: float | None = None
+    search: SearchSpec = field(default_factory=SearchSpec)
+
+    def check(self) -> None:
+        problems = []
+        from distattn.schemes import scheme_names
+        known = set(scheme_names())
+        for s in self.schemes:
+            base = s.partition("@")[0].partition(":")[0]
+            if base not in known:
+                problems.append(f"schemes: {s!r} is not a scheme; choose from {', '.join(sorted(known))} "
+                                f"(usp:U for a ulysses degree, NAME@LAYOUT for a layout)")
+        for key in ("lengths", "worlds"):
+            vals = getattr(self, key)
+            if not vals or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in vals):
+                problems.append(f"{key}: expected a non-empty list of positive integers, got {vals!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.heads % self.kv_heads:
+            problems.append(f"heads={self.heads} is not divisible by kv_heads={self.kv_heads}")
+        if self.iters < 1 or self.warmup < 0:
+            problems.append("iters must be >= 1 and warmup >= 0")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            problems.append(f"backend: {self.backend!r} is not one of auto, gloo, nccl")
+        if self.search.enabled and self.memory_budget_mib is None:
+            problems.append("search.enabled needs memory_budget_mib (the per-rank budget the search fits)")
+        if self.search.granularity < 1 or self.search.start < 1 or self.search.max < self.search.start:
+            problems.append("search: need granularity >= 1 and 1 <= start <= max")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def load_sweep(path: str | Path, overrides: dict | None = None) -> SweepSpec:
+    """Read a sweep YAML (keys of :class:`SweepSpec`, ``search`` a nested mapping)."""
+    import yaml
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sweep keys")
+    data.update(overrides or {})
+    search = data.pop("search", None) or {}
+    known = set(SweepSpec.__dataclass_fields__) - {"search"}
+    bad = sorted(set(data) - known)
+    if bad:
+        raise ValueError(f"{path}: unknown key(s) {bad}; valid keys are {sorted(known | {'search'})}")
+    sknown = set(SearchSpec.__dataclass_fields__)
+    sbad = sorted(set(search) - sknown)
+    if sbad:
+        raise ValueError(f"{path}: unknown search key(s) {sbad}; valid keys are {sorted(sknown)}")
+    spec = SweepSpec(**data, search=SearchSpec(**search))
+    spec.check()
+    return spec
+
+
+# ----------------------------------------------------------------------------- one point
+
+
+@dataclass
+class Point:
+    scheme: str
+    world: int
+    n_tokens: int
+    phase: str = "grid"  # grid | search
+    status: str = "ok"  # ok | oom | failed | timeout | invalid
+    step_s: float = math.nan
+    tokens_per_s: float = math.nan
+    compute_s: float = math.nan
+    bytes_sent: int = 0
+    exposed_s: float = math.nan
+    peak_mem_bytes: int = 0
+    peak_rss_bytes: int = 0
+    mem_source: str = ""
+    fits: bool | None = None
+    error: str = ""
+
+
+def _scheme(name: str):
+    """'ring', 'usp:2' (ulysses degree), 'ring@contiguous' (layout)."""
+    import distattn
+    name, _, layout = name.partition("@")
+    base, _, degree = name.partition(":")
+    opts: dict[str, Any] = {"layout_name": layout} if layout else {}
+    if base == "usp":
+        opts["ulysses"] = int(degree) if degree else 2
+    return distattn.get_scheme(base, **opts)
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class _MemProbe:
+    """Peak memory of this process over a block (see the module docstring)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.source = ""
+
+    def start(self) -> None:
+        if self.cuda:
+            import torch
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            self.source = "cuda_allocator"
+            return
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.base = (_status_kb("VmRSS") or 0) * 1024
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.source = "vmhwm"
+        except OSError:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.source = "ru_maxrss"
+
+    def peak(self) -> tuple[int, int]:
+        """(peak - base, absolute peak) in bytes."""
+        if self.cuda:
+            import torch
+            torch.cuda.synchronize()
+            p = torch.cuda.max_memory_allocated()
+            return max(0, p - self.base), p
+        if self.source == "vmhwm":
+            p = (_status_kb("VmHWM") or 0) * 1024
+        else:
+            p = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return max(0, p - self.base), p
+
+
+_WARM: set[str] = set()  # schemes this process has already run once (lazy one-time allocations done)
+
+
+def _rank_point(spec_dict: dict, scheme_name: str, n_tokens: int, _warming: bool = False) -> dict:
+    """Rank side of one point: make the local shard, time fwd+bwd, measure memory.
+
+    The first time a process runs a scheme it first runs a tiny point of it, so
+    one-time allocations (thread pools, backend buffers, lazily loaded kernels)
+    are resident before the memory baseline is taken and are not charged to the
+    point.
+    """
+    import torch
+    import torch.distributed as dist
+
+    import distattn
+    from distattn.comm import CommLedger
+
+    group = dist.group.WORLD
+    rank, world = dist.get_rank(), dist.get_world_size()
+    s = SweepSpec(**{k: v for k, v in spec_dict.items() if k != "search"})
+    cuda = torch.cuda.is_available() and dist.get_backend() == "nccl"
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[s.dtype]
+    try:
+        scheme = _scheme(scheme_name)
+        scheme.validate(heads=s.heads, kv_heads=s.kv_heads, world=world)
+        local = scheme.layout(n_tokens, world).size(rank)
+    except ValueError as e:
+        return {"status": "invalid", "error": str(e)}
+    linear = scheme.kind == "linear"
+    if not _warming and scheme_name not in _WARM:
+        small = min(n_tokens, 64 * world)
+        _rank_point({**spec_dict, "iters": 1, "warmup": 0}, scheme_name, small, _warming=True)
+        _WARM.add(scheme_name)
+    probe = _MemProbe(cuda)
+    probe.start()
+    g = torch.Generator(device=dev).manual_seed(1000 + rank)
+
+    def rnd(h):
+        return torch.randn(local, h, s.head_dim, generator=g, device=dev, dtype=torch.float32).to(dt)
+
+    scale = 0.3 if linear else 1.0  # keeps linear-attention sums (no normalisation) in range
+    q, k, v, do = rnd(s.heads) * scale, rnd(s.kv_heads) * scale, rnd(s.kv_heads), rnd(s.heads)
+    ledger = CommLedger()
+
+    def step():
+        a, b, c = (x.detach().requires_grad_(True) for x in (q, k, v))
+        if linear:
+            out = distattn.linear_attention(a, b, c, scheme=scheme, group=group, ledger=ledger,
+                                            n_tokens=n_tokens)
+        else:
+            out = distattn.attention(a, b, c, scheme=scheme, group=group, causal=s.causal, ledger=ledger,
+                                     n_tokens=n_tokens)
+        out.backward(do)
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(s.warmup):
+        step()
+    ledger.reset()
+    walls, cpus = [], []
+    for _ in range(s.iters):
+        dist.barrier(group)
+        c0, w0 = time.thread_time(), time.perf_counter()
+        step()
+        cpus.append(time.thread_time() - c0)
+        walls.append(time.perf_counter() - w0)
+    mem, peak = probe.peak()
+    tot = ledger.totals()
+    return {"status": "ok", "step_s": statistics.median(walls), "compute_s": statistics.median(cpus),
+            "bytes_sent": tot.bytes_sent // s.iters, "exposed_s": tot.exposed_s / s.iters,
+            "peak_mem_bytes": mem, "peak_rss_bytes": peak, "mem_source": probe.source}
+
+
+def _classify_failure(msg: str) -> str:
+    low = msg.lower()
+    if any(t in low for t in ("out of memory", "memoryerror", "can't allocate", "cannot allocate",
+                              "bad_alloc", "exit codes [-9]", "exit codes [137]")):
+        return "oom"
+    if "timed out" in low or "timeout" in low:
+        return "timeout"
+    return "failed"
+
+
+class _Pools:
+    """One RankPool per world size, replaced after a failure."""
+
+    def __init__(self, spec: SweepSpec):
+        self.spec = spec
+        self.pools: dict[int, Any] = {}
+
+    def backend(self) -> str:
+        import torch
+        if self.spec.backend != "auto":
+            return self.spec.backend
+        return "nccl" if torch.cuda.is_available() else "gloo"
+
+    def get(self, world: int):
+        from distattn.multiproc import RankPool
+        p = self.pools.get(world)
+        if p is None or not p.alive:
+            p = self.pools[world] = RankPool(world, backend=self.backend(), threads=self.spec.threads)
+        return p
+
+    def drop(self, world: int) -> None:
+        p = self.pools.pop(world, None)
+        if p is not None:
+            p.close(force=True)
+
+    def close(self) -> None:
+        for p in self.pools.values():
+            p.close()
+        self.pools.clear()
+
+
+def run_point_on_ranks(spec: SweepSpec, pools: _Pools, scheme: str, world: int, n_tokens: int,
+                       phase: str = "grid") -> Point:
+    """Run one point on ``world`` ranks; any failure becomes the point's status."""
+    pt = Point(scheme=scheme, world=world, n_tokens=n_tokens, phase=phase)
+    spec_dict = asdict(spec)
+    try:
+        res = pools.get(world).run(_rank_point, spec_dict, scheme, n_tokens, timeout=spec.timeout_s)
+    except Exception as e:  # the pool is torn down by RankPool on failure; start afresh next time
+        pools.drop(world)
+        msg = str(e)
+        pt.status = _classify_failure(msg)
+        pt.error = msg.strip().splitlines()[-1][:300] if msg.strip() else type(e).__name__
+        pt.fits = False
+        return pt
+    bad = [r for r in res if r["status"] != "ok"]
+    if bad:
+        pt.status, pt.error, pt.fits = bad[0]["status"], bad[0].get("error", "")[:300], False
+        return pt
+    pt.step_s = max(r["step_s"] for r in res)
+    pt.tokens_per_s = n_tokens / pt.step_s if pt.step_s > 0 else math.nan
+    pt.compute_s = max(r["compute_s"] for r in res)
+    pt.bytes_sent = max(r["bytes_sent"] for r in res)
+    pt.exposed_s = max(r["exposed_s"] for r in res)
+    pt.peak_mem_bytes = max(r["peak_mem_bytes"] for r in res)
+    pt.peak_rss_bytes = max(r["peak_rss_bytes"] for r in res)
+    pt.mem_source = res[0]["mem_source"]
+    if spec.memory_budget_mib is not None:
+        pt.fits = pt.peak_mem_bytes <= spec.memory_budget_mib * 2**20
+    return pt
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def _round(n: int, g: int) -> int:
+    return max(g, (n // g) * g)
+
+
+def max_context_search(spec: SweepSpec, pools: _Pools, scheme: str, world: int, known: list[Point],
+                       run: Callable[[int], Point]) -> dict:
+    """Largest N that fits the budget: doubling from the best known fit, then bisection."""
+    g = spec.search.granularity
+    fits = {p.n_tokens for p in known if p.fits}
+    fails = {p.n_tokens for p in known if p.fits is False}
+    lo = max([n for n in fits], default=0)
+    hi = min([n for n in fails if n > lo], default=None)
+    reason = ""
+    if hi is None:
+        n = max(lo * 2, _round(spec.search.start, g)) if lo else _round(spec.search.start, g)
+        while n <= spec.search.max:
+            p = run(n)
+            if p.fits:
+                lo, n = n, n * 2
+            else:
+                hi, reason = n, p.status if p.status != "ok" else "over budget"
+                break
+    while hi is not None and hi - lo > g:
+        mid = _round((lo + hi) // 2, g)
+        if mid <= lo or mid >= hi:
+            break
+        p = run(mid)
+        if p.fits:
+            lo = mid
+        else:
+            hi, reason = mid, p.status if p.status != "ok" else "over budget"
+    if not reason and hi is not None:
+        first = next((p for p in known if p.n_tokens == hi), None)
+        reason = (first.status if first and first.status != "ok" else "over budget") if first else ""
+    return {"scheme": scheme, "world": world, "max_tokens": lo, "first_failing": hi,
+            "limit": reason if hi is not None else f"search.max={spec.search.max} reached",
+            "budget_mib": spec.memory_budget_mib}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+_COLS = [f for f in Point.__dataclass_fields__]
+
+
+def write_csv(path: Path, points: list[Point]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(_COLS)
+        for p in points:
+            w.writerow([getattr(p, c) for c in _COLS])
+
+
+def plot_sweep(points: list[Point], out: Path, spec: SweepSpec) -> dict[str, Path]:
+    """throughput.png and memory.png: one line per scheme, one panel per world size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worlds = sorted({p.world for p in points})
+    schemes = list(dict.fromkeys(p.scheme for p in points))
+    paths = {}
+    for what, key, ylabel in (("throughput", "tokens_per_s", "tokens / s (fwd+bwd, one layer)"),
+                              ("memory", "peak_mem_bytes", "peak memory per rank (MiB)")):
+        fig, axes = plt.subplots(1, len(worlds), figsize=(4.2 * len(worlds) + 0.6, 3.4), squeeze=False)
+        for ax, w in zip(axes[0], worlds):
+            for s in schemes:
+                pts = sorted((p for p in points if p.scheme == s and p.world == w and p.status == "ok"),
+                             key=lambda p: p.n_tokens)
+                if not pts:
+                    continue
+                xs = [p.n_tokens for p in pts]
+                ys = [getattr(p, key) / (2**20 if key == "peak_mem_bytes" else 1) for p in pts]
+                ax.plot(xs, ys, marker="o", ms=3, label=s)
+                failed = [p for p in points if p.scheme == s and p.world == w and p.status != "ok"]
+                for p in failed:
+                    ax.axvline(p.n_tokens, color="grey", lw=0.5, ls=":")
+            if key == "peak_mem_bytes" and spec.memory_budget_mib:
+                ax.axhline(spec.memory_budget_mib, color="red", lw=0.8, ls="--", label="budget")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context length N (tokens)", fontsize=8)
+            ax.set_title(f"W = {w}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3, which="both")
+        axes[0][0].set_ylabel(ylabel, fontsize=8)
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle(f"{spec.name}: {what} vs context length ({spec.heads}/{spec.kv_heads} heads, "
+                     f"d={spec.head_dim}, {spec.dtype})", fontsize=9)
+        fig.tight_layout()
+        path = out / f"{what}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths[what] = path
+    return paths
+
+
+def format_points(points: list[Point]) -> str:
+    lines = ["| scheme | W | N | phase | status | step ms | tokens/s | compute ms | MiB sent | exposed ms "
+             "| peak MiB | fits |", "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for p in points:
+        f = (lambda x, nd=1: "n/a" if x != x else f"{x:.{nd}f}")
+        lines.append(f"| {p.scheme} | {p.world} | {p.n_tokens} | {p.phase} | {p.status} | {f(p.step_s * 1e3)} | "
+                     f"{f(p.tokens_per_s, 0)} | {f(p.compute_s * 1e3)} | {p.bytes_sent / 2**20:.2f} | "
+                     f"{f(p.exposed_s * 1e3)} | {p.peak_mem_bytes / 2**20:.1f} | "
+                     f"{'' if p.fits is None else ('yes' if p.fits else 'no')} |")
+    return "\n".join(lines)
+
+
+def format_max_context(rows: list[dict]) -> str:
+    lines = ["| scheme | W | max N within budget | first N that did not fit | why |",
+             "|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['scheme']} | {r['world']} | {r['max_tokens'] or 'none'} | "
+                     f"{r['first_failing'] if r['first_failing'] is not None else '-'} | {r['limit']} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_sweep(spec: SweepSpec, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """Run the grid, then the max-context searches; write CSV, plots and tables."""
+    spec.check()
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pools = _Pools(spec)
+    points: list[Point] = []
+    grid = [(s, w, n) for w in spec.worlds for s in spec.schemes for n in sorted(spec.lengths)]
+    bar = _Progress(len(grid), enabled=progress)
+    searches: list[dict] = []
+    try:
+        for s, w, n in grid:
+            bar.describe(f"{s} W={w} N={n}")
+            p = run_point_on_ranks(spec, pools, s, w, n)
+            points.append(p)
+            bar.advance()
+            if log and p.status != "ok":
+                log(f"sweep: {s} W={w} N={n}: {p.status} {p.error}")
+        if spec.search.enabled:
+            for w in spec.worlds:
+                for s in spec.schemes:
+                    known = [p for p in points if p.scheme == s and p.world == w]
+                    if any(p.status == "invalid" for p in known):
+                        continue
+
+                    def probe(n: int, s=s, w=w) -> Point:
+                        bar.add(1)
+                        bar.describe(f"search {s} W={w} N={n}")
+                        p = run_point_on_ranks(spec, pools, s, w, n, phase="search")
+                        points.append(p)
+                        bar.advance()
+                        return p
+                    searches.append(max_context_search(spec, pools, s, w, known, probe))
+    finally:
+        bar.close()
+        pools.close()
+    write_csv(out / "sweep.csv", points)
+    paths = {"csv": out / "sweep.csv"}
+    paths.update(plot_sweep(points, out, spec))
+    md = [f"# {spec.name}", "", format_points(points)]
+    if searches:
+        with (out / "max_context.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(searches[0]))
+            w.writeheader()
+            w.writerows(searches)
+        paths["max_context"] = out / "max_context.csv"
+        md += ["", f"Maximum context per rank budget of {spec.memory_budget_mib} MiB:", "",
+               format_max_context(searches)]
+    (out / "sweep.md").write_text("\n".join(md) + "\n")
+    paths["md"] = out / "sweep.md"
+    (out / "sweep.json").write_text(json.dumps({"spec": asdict(spec), "points": [asdict(p) for p in points],
+                                                "max_context": searches}, indent=2, default=str))
+    paths["json"] = out / "sweep.json"
+    return {"points": points, "max_context": searches, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+class _Progress:
+    """A rich progress bar on stderr (points done / points known so far); silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self._p = None
+        if not enabled:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn)
+        except ImportError:  # pragma: no cover - rich is a dependency
+            return
+        self._p = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           TextColumn("{task.description}"), console=Console(stderr=True), transient=False)
+        self._p.start()
+        self._t = self._p.add_task("", total=total)
+
+    def describe(self, text: str) -> None:
+        if self._p:
+            self._p.update(self._t, description=text)
+
+    def advance(self) -> None:
+        if self._p:
+            self._p.advance(self._t)
+
+    def add(self, n: int) -> None:
+        if self._p:
+            task = self._p.tasks[0]
+            self._p.update(self._t, total=(task.total or 0) + n)
+
+    def close(self) -> None:
+        if self._p:
+            self._p.stop()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_parser(sub):
+    p = sub.add_parser("sweep", help="context-length scaling: schemes x lengths x world sizes; CSV, "
+                                     "throughput and memory plots, maximum context under a memory budget")
+    p.add_argument("sweep", help="sweep YAML (see configs/sweeps/example.yaml)")
+    p.add_argument("--out", default=None, help="output directory (default: the YAML's out_dir)")
+    p.add_argument("--no-search", action="store_true", help="skip the maximum-context search")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_sweep)
+    return p
+
+
+def cmd_sweep(args) -> int:
+    over: dict[str, Any] = {}
+    if args.out:
+        over["out_dir"] = args.out
+    try:
+        spec = load_sweep(args.sweep, over)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"distattn sweep: {e}", file=sys.stderr)
+        return 2
+    if args.no_search:
+        spec.search.enabled = False
+    res = run_sweep(spec, progress=not args.no_progress,
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_points(res["points"]))
+    if res["max_context"]:
+        print()
+        print(format_max_context(res["max_context"]))
+    for k, v in sorted(res["paths"].items()):
+        print(f"{k}: {v}")
+    return 0
