@@ -1,4 +1,4 @@
-"""`distattn` command line: train, bench, config, profile, sweep, simulate.
+"""`distattn` command line: train, bench, config, profile, sweep, simulate, plan.
 
 Every command takes a YAML config (default: the embedded configs/default.yaml)
 and `--set a.b=c` overrides, validated before anything starts.
@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--no-measured", action="store_true", help="skip the measured run")
     bc.add_argument("--json", default=None, help="also write the results as JSON here")
     bc.set_defaults(fn=cmd_bench_cad)
+    from distattn.bench.balance import add_parser as add_bench_balance
+    add_bench_balance(bsub)
 
     t = sub.add_parser("train", help="train a model (on Ray, local ranks, or one rank per process "
                                      "under torchrun)")
@@ -279,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile(sub)
     add_sweep(sub)
     add_simulate(sub)
+    from distattn.sched.pack import add_plan_parser
+    add_plan_parser(sub)  # distattn plan batch
+    from distattn.plan.memory import add_parser as add_plan_memory
+    add_plan_memory(sub)  # distattn plan memory (joins `plan` if it exists)
     return p
 
 

@@ -119,6 +119,10 @@ class ModelConfig(_Section):
     layer_pattern: str | None = None
     rope_base: PosFloat = 10000.0
     dtype: DType = "fp32"
+    # activation recomputation: none | selective (layers re-run, core attention kept) | full
+    recompute: Literal["none", "selective", "full"] = "none"
+    # GPU runs: keep saved activations in pinned host memory (CPU runs: a logged no-op)
+    offload_activations: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -232,6 +236,8 @@ class DataConfig(_Section):
     micro_batch_size: PosInt = 1
     synthetic_task: Literal["needle", "recall"] = "recall"
     jsonl_field: str = "text"
+    balance: Literal["tokens", "attention"] = "tokens"
+    balance_max_defer: NonNegInt = 0
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

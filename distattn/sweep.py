@@ -38,7 +38,6 @@ import csv
 import ctypes
 import json
 import math
-import os
 import resource
 import statistics
 import sys
@@ -373,7 +372,7 @@ def _round(n: int, g: int) -> int:
     return max(g, (n // g) * g)
 
 
-def max_context_search(spec: SweepSpec, pools: _Pools, scheme: str, world: int, known: list[Point],
+def max_context_search(spec: SweepSpec, scheme: str, world: int, known: list[Point],
                        run: Callable[[int], Point]) -> dict:
     """Largest N that fits the budget: doubling from the best known fit, then bisection."""
     g = spec.search.granularity
@@ -423,41 +422,61 @@ def write_csv(path: Path, points: list[Point]) -> None:
 
 
 def plot_sweep(points: list[Point], out: Path, spec: SweepSpec) -> dict[str, Path]:
-    """throughput.png and memory.png: one line per scheme, one panel per world size."""
+    """throughput.png (wall-clock and critical-path-compute tokens/s) and memory.png vs N.
+
+    One line per scheme, one column of panels per world size; failed points
+    are marked by dotted vertical lines.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     worlds = sorted({p.world for p in points})
     schemes = list(dict.fromkeys(p.scheme for p in points))
+    colors = {s: f"C{i}" for i, s in enumerate(schemes)}
+    panels = {
+        "throughput": [("tokens_per_s", "tokens/s, wall clock"),
+                       ("cpu_tokens_per_s", "tokens/s, critical-path compute")],
+        "memory": [("peak_mem_bytes", "peak memory per rank (MiB)")],
+    }
     paths = {}
-    for what, key, ylabel in (("throughput", "tokens_per_s", "tokens / s (fwd+bwd, one layer)"),
-                              ("memory", "peak_mem_bytes", "peak memory per rank (MiB)")):
-        fig, axes = plt.subplots(1, len(worlds), figsize=(4.2 * len(worlds) + 0.6, 3.4), squeeze=False)
-        for ax, w in zip(axes[0], worlds):
-            for s in schemes:
-                pts = sorted((p for p in points if p.scheme == s and p.world == w and p.status == "ok"),
-                             key=lambda p: p.n_tokens)
-                if not pts:
-                    continue
-                xs = [p.n_tokens for p in pts]
-                ys = [getattr(p, key) / (2**20 if key == "peak_mem_bytes" else 1) for p in pts]
-                ax.plot(xs, ys, marker="o", ms=3, label=s)
-                failed = [p for p in points if p.scheme == s and p.world == w and p.status != "ok"]
-                for p in failed:
-                    ax.axvline(p.n_tokens, color="grey", lw=0.5, ls=":")
-            if key == "peak_mem_bytes" and spec.memory_budget_mib:
-                ax.axhline(spec.memory_budget_mib, color="red", lw=0.8, ls="--", label="budget")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("context length N (tokens)", fontsize=8)
-            ax.set_title(f"W = {w}", fontsize=9)
-            ax.tick_params(labelsize=7)
-            ax.grid(alpha=0.3, which="both")
-        axes[0][0].set_ylabel(ylabel, fontsize=8)
+    for what, rows in panels.items():
+        fig, axes = plt.subplots(len(rows), len(worlds), figsize=(max(6.5, 4.0 * len(worlds) + 1.0),
+                                                                  0.9 + 2.7 * len(rows)),
+                                 squeeze=False, sharex=True)
+        for col, w in enumerate(worlds):
+            for row, (key, ylabel) in enumerate(rows):
+                ax = axes[row][col]
+                for s in schemes:
+                    pts = sorted((p for p in points if p.scheme == s and p.world == w and p.status == "ok"),
+                                 key=lambda p: p.n_tokens)
+                    if not pts:
+                        continue
+                    if key == "cpu_tokens_per_s":
+                        ys = [p.n_tokens / p.compute_s if p.compute_s > 0 else math.nan for p in pts]
+                    elif key == "peak_mem_bytes":
+                        ys = [p.peak_mem_bytes / 2**20 for p in pts]
+                    else:
+                        ys = [getattr(p, key) for p in pts]
+                    ax.plot([p.n_tokens for p in pts], ys, marker="o", ms=3, color=colors[s], label=s)
+                    for p in points:
+                        if p.scheme == s and p.world == w and p.status != "ok":
+                            ax.axvline(p.n_tokens, color=colors[s], lw=0.6, ls=":")
+                if key == "peak_mem_bytes" and spec.memory_budget_mib:
+                    ax.axhline(spec.memory_budget_mib, color="red", lw=0.8, ls="--", label="budget")
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.tick_params(labelsize=7)
+                ax.grid(alpha=0.3, which="both")
+                if col == 0:
+                    ax.set_ylabel(ylabel, fontsize=8)
+                if row == 0:
+                    ax.set_title(f"W = {w}", fontsize=9)
+                if row == len(rows) - 1:
+                    ax.set_xlabel("context length N (tokens)", fontsize=8)
         axes[0][-1].legend(fontsize=7)
-        fig.suptitle(f"{spec.name}: {what} vs context length ({spec.heads}/{spec.kv_heads} heads, "
-                     f"d={spec.head_dim}, {spec.dtype})", fontsize=9)
+        fig.suptitle(f"{spec.name}: {what} vs N\n{spec.heads}/{spec.kv_heads} heads x {spec.head_dim}, "
+                     f"{spec.dtype}, one attention layer fwd+bwd", fontsize=9)
         fig.tight_layout()
         path = out / f"{what}.png"
         fig.savefig(path, dpi=90)
@@ -522,7 +541,7 @@ def run_sweep(spec: SweepSpec, progress: bool = True, log: Callable[[str], None]
                         points.append(p)
                         bar.advance()
                         return p
-                    searches.append(max_context_search(spec, pools, s, w, known, probe))
+                    searches.append(max_context_search(spec, s, w, known, probe))
     finally:
         bar.close()
         pools.close()

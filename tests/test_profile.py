@@ -119,6 +119,22 @@ def test_trace_files_round_trip(tmp_path):
     assert a.rank == 1 and a.exposed_s == pytest.approx(5e-6)
 
 
+def test_analyze_cli_reads_existing_traces(tmp_path, capsys):
+    from distattn.cli import main
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    for r in (0, 1):
+        (traces / f"rank{r}.json").write_text(json.dumps({
+            "traceEvents": [_x(f"{STEP_PREFIX}0", 0, 100), _x("compute/attn_fwd", 0, 60),
+                            _x("gloo:all_gather", 40, 40 + 10 * r, tid=2), _x("comm_wait/all_gather", 60, 20)],
+            "distributedInfo": {"rank": r}}))
+    assert main(["profile", "--analyze", str(traces), "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "| trace | 0 |" in text and "| trace | 1 |" in text
+    assert (tmp_path / "out" / "timeline_trace.png").is_file()
+    assert main(["profile", "--analyze", str(tmp_path / "missing")]) == 2
+
+
 # ----------------------------------------------------------------------------- labels
 
 
@@ -176,15 +192,15 @@ def test_profile_run_writes_traces_report_timeline_and_tensorboard(tmp_path):
                              f"run.output_dir={tmp_path / 'run'}"])
     res = run_profile(cfg, ProfileSpec(steps=1, warmup=1, schemes=["ring"], out_dir=str(tmp_path / "prof")),
                       log=lambda m: None)
-    assert not res.errors
+    assert not res.errors, res.errors
     assert [r.rank for r in res.rows] == [0, 1]
     for r in res.rows:
-        assert r.steps == 1 and r.compute_ms > 0 and r.comm_ms > 0
-        assert 0.0 <= r.overlap <= 1.0
-        assert r.trace_waits == r.ledger_calls > 0          # every ledgered wait is in the trace
-        assert r.bytes_sent > 0
+        assert r.steps == 1 and r.compute_ms > 0 and r.comm_ms > 0, r
+        assert 0.0 <= r.overlap <= 1.0, r
+        assert r.trace_waits == r.ledger_calls > 0, r      # every ledgered wait is in the trace
+        assert r.bytes_sent > 0, r
     (s,) = res.summaries
-    assert s.ledger_agrees
+    assert s.ledger_agrees, res.rows
     out = tmp_path / "prof"
     assert (out / "traces" / "ring" / "rank0.json").is_file()
     assert (out / "timeline_ring.png").stat().st_size > 1000

@@ -51,22 +51,22 @@ def test_max_context_search_doubles_then_bisects():
     spec = SweepSpec(memory_budget_mib=1, search=SearchSpec(start=1024, max=1 << 20, granularity=256))
     calls: list[int] = []
     known = [Point("s", 2, 512, fits=True), Point("s", 2, 1024, fits=True)]
-    r = max_context_search(spec, None, "s", 2, known, _fake_runner(5000, calls))
+    r = max_context_search(spec, "s", 2, known, _fake_runner(5000, calls))
     assert r["max_tokens"] == 4864 and r["first_failing"] == 5120   # within one granularity step
     assert calls[:3] == [2048, 4096, 8192]                           # doubling from the best fit
     assert r["limit"] == "over budget"
     # nothing fits: the search bisects down to one granule
-    r = max_context_search(spec, None, "s", 2, [], _fake_runner(100, calls := []))
+    r = max_context_search(spec, "s", 2, [], _fake_runner(100, calls := []))
     assert r["max_tokens"] == 0 and r["first_failing"] == 256 and calls == [1024, 512, 256]
     # a failing point (not just over budget) is named as the limit
-    r = max_context_search(spec, None, "s", 2, [Point("s", 2, 1024, fits=True)], _fake_runner(1500, []))
+    r = max_context_search(spec, "s", 2, [Point("s", 2, 1024, fits=True)], _fake_runner(1500, []))
     assert r["max_tokens"] == 1280 and r["limit"] == "over budget"
-    r = max_context_search(spec, None, "s", 2, [Point("s", 2, 1024, fits=True)],
+    r = max_context_search(spec, "s", 2, [Point("s", 2, 1024, fits=True)],
                            _fake_runner(10**9, [], crash=1200))
     assert r["limit"] == "oom" and r["max_tokens"] == 1024 and r["first_failing"] == 1280
     # the search stops at search.max
     spec.search.max = 4096
-    r = max_context_search(spec, None, "s", 2, [], _fake_runner(10**9, []))
+    r = max_context_search(spec, "s", 2, [], _fake_runner(10**9, []))
     assert r["max_tokens"] == 4096 and "search.max" in r["limit"]
 
 
@@ -88,3 +88,5 @@ def test_example_sweep_loads_and_bad_keys_are_named(tmp_path):
     bad.write_text("schemes: [rnig]\nmemory_budget_mib: 10\n")
     with pytest.raises(ValueError, match="rnig"):
         load_sweep(bad)
+    from distattn.cli import main
+    assert main(["sweep", str(bad)]) == 2  # named on stderr, nothing started

@@ -6,7 +6,7 @@
 #   tools/reproduce_all.sh profile sweep   # only the named sections
 #   tools/reproduce_all.sh --list          # the sections and their commands
 #
-# Sections: kernel attention linear hetero cad profile sweep simulate.
+# Sections: kernel attention linear hetero cad balance profile sweep simulate.
 # A section whose command this installation does not have (an older checkout),
 # or that needs hardware this machine lacks (kernel: a CUDA GPU; the 16-core
 # runs: >= 16 cores), is skipped with a message. Outputs go to $OUT
@@ -39,9 +39,18 @@ sec_kernel() {
 
 sec_attention() {
   if ! has bench attention; then skip "no 'distattn bench attention' here"; return; fi
-  run "${DA[@]}" bench attention --set bench.seq_len=16384 --set bench.iters=2 \
-    --set "bench.schemes=[ring,allgather,ulysses,usp:2]" --peers --json "$OUT/bench_attention_n16k_w2.json" &&
-    cp "$OUT/bench_attention_n16k_w2.json" docs/data/
+  run "${DA[@]}" bench attention --set bench.seq_len=16384 --set "bench.schemes=[ring,allgather,ulysses]" \
+    --set bench.iters=2 --peers --json "$OUT/bench_attention_n16k_w2.json"
+  if (( CORES >= 16 )); then   # the "clean run" tables (one core per rank, no other load)
+    run "$PY" -c '
+from distattn.bench.attention import BenchSpec, format_table, run_attention_bench
+if __name__ == "__main__":
+    for spec in (BenchSpec(seq_len=16384, schemes=["ring", "allgather", "ulysses", "ring-unbalanced"], iters=2, warmup=1),
+                 BenchSpec(seq_len=16384, doc_lens=[5000, 3000, 4000, 2000, 2384],
+                           schemes=["ring", "ring@doc_zigzag", "ring-unbalanced"], iters=2, warmup=1)):
+        rows, single = run_attention_bench(spec); print(format_table(rows, single, spec))'
+  else skip "the clean-run attention tables need >= 16 cores"; fi
+  if [[ -f tools/zigzag_kernel_split.py ]]; then run env PYTHONPATH=. "$PY" tools/zigzag_kernel_split.py; fi
 }
 
 sec_linear() {
@@ -70,6 +79,12 @@ sec_cad() {
     --modes "cad colocated,cad colocated+pingpong,cad colocated,cad colocated+pingpong"
 }
 
+sec_balance() {
+  if ! has bench balance; then skip "no 'distattn bench balance' here"; return; fi
+  run "${DA[@]}" bench balance --measure-steps 3
+  run "${DA[@]}" bench balance --micro 1 --max-defer 4 --measure-steps 0
+}
+
 sec_profile() {
   if ! has profile; then skip "no 'distattn profile' here"; return; fi
   run "${DA[@]}" profile --schemes ring,allgather,ulysses,lasp2 --steps 2 --warmup 1 \
@@ -95,7 +110,7 @@ sec_simulate() {
     --schemes ring,allgather,usp:8,lasp2,lasp1 --out "$OUT/simulate/llama3_8b_hybrid"
 }
 
-ALL=(kernel attention linear hetero cad profile sweep simulate)
+ALL=(kernel attention linear hetero cad balance profile sweep simulate)
 if [[ "${1:-}" == "--list" ]]; then
   for s in "${ALL[@]}"; do echo "== $s"; declare -f "sec_$s" | grep -E '^\s+run ' | sed 's/^\s*run //'; done
   exit 0

@@ -94,4 +94,5 @@ def build_gpt(model_cfg, context: AttentionContext, max_sequence_length: int,
     model = GPTModel(cfg, block, vocab_size=model_cfg.vocab_size,
                      max_sequence_length=max_sequence_length, position_embedding_type="none",
                      pg_collection=pg_collection or single_rank_groups())
-    return model
+    from distattn.model.recompute import apply_recompute
+    return apply_recompute(model, getattr(model_cfg, "recompute", "none"))

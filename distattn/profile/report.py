@@ -91,16 +91,20 @@ def build_rows(scheme: str, analyses: Sequence[RankAnalysis], ledgers: Sequence[
     return rows
 
 
-def summarize(rows: Sequence[RankRow], tolerance: float = 0.25, slack_ms: float = 2.0) -> SchemeSummary:
+def summarize(rows: Sequence[RankRow], tolerance: float = 0.25, slack_ms: float = 2.0,
+              slack_per_wait_ms: float = 1.0) -> SchemeSummary:
     """Critical-path summary of one scheme's rows.
 
-    The ledger agrees when call counts match and the trace's blocked time is
-    within ``tolerance`` (relative) or ``slack_ms`` (absolute) of the ledger's.
+    The ledger agrees when call counts match exactly and the trace's blocked
+    time is within ``tolerance`` (relative) or ``slack_ms + slack_per_wait_ms``
+    per wait (absolute) of the ledger's: the two clocks start a few
+    microseconds apart around every wait, more when the host is busy.
     """
     tot_exp = sum(r.exposed_ms for r in rows)
     tot_comm = sum(r.comm_ms for r in rows)
     agrees = all(r.ledger_calls == r.trace_waits and
-                 (abs(r.blocked_ms - r.ledger_exposed_ms) <= max(slack_ms, tolerance * r.ledger_exposed_ms))
+                 (abs(r.blocked_ms - r.ledger_exposed_ms)
+                  <= max(slack_ms + slack_per_wait_ms * r.trace_waits, tolerance * r.ledger_exposed_ms))
                  for r in rows)
     overlaps = [r.overlap for r in rows if r.overlap == r.overlap]
     return SchemeSummary(

@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 DEFAULT_SCHEMES = "ring,ring-basic,allgather,ulysses,usp:8,lasp2,lasp1"
@@ -168,29 +167,37 @@ def format_rows(rows: list[dict], model: bool) -> str:
 
 
 def plot_scaling(rows: list[dict], path: Path, model: bool, title: str) -> Path:
+    """Scaling curves: time (or tokens/s), efficiency (attention layers) and exposed communication."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    key, ylabel = (("tokens_per_s", "tokens / s per training step") if model else
-                   ("layer_ms", "one attention layer, fwd+bwd (ms)"))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if model:
+        panels = [("tokens_per_s", "tokens / s per training step", True),
+                  ("mem_gib", "GiB per GPU", True)]
+    else:
+        panels = [("layer_ms", "one attention layer, fwd+bwd (ms)", True),
+                  ("efficiency", "efficiency (softmax schemes)", False),
+                  ("exposed_ms", "exposed communication (ms)", True)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.4, 3.4))
     for s in dict.fromkeys(r["scheme"] for r in rows):
         pts = [r for r in rows if r["scheme"] == s and r.get("status") == "ok"]
-        if not pts:
-            continue
-        xs = [r["gpus"] for r in pts]
-        axes[0].plot(xs, [r[key] for r in pts], marker="o", ms=3, label=s)
-        second = "mem_gib" if model else "exposed_ms"
-        axes[1].plot(xs, [max(r[second], 1e-3) for r in pts], marker="o", ms=3, label=s)
-    axes[0].set_ylabel(ylabel, fontsize=8)
-    axes[1].set_ylabel("GiB per GPU" if model else "exposed communication (ms)", fontsize=8)
-    for ax in axes:
+        for ax, (key, _, _) in zip(axes, panels):
+            xy = [(r["gpus"], r[key]) for r in pts if r.get(key) == r.get(key)]
+            if key == "exposed_ms":
+                xy = [(x, max(y, 1e-3)) for x, y in xy]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", ms=3, label=s)
+    for ax, (key, ylabel, logy) in zip(axes, panels):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if logy:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 1.05)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.set_xlabel("GPUs", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,8 +256,10 @@ def cmd_simulate(args) -> int:
         for w in args.scaling:
             srows += rowfn(args, cluster, w, schemes)
         stext = format_rows(srows, model).replace("| scheme |", "| scheme |", 1)
-        title = (f"{cluster.name}: " + (f"{args.model}, " if model else f"{args.heads}/{args.kv_heads}x{args.head_dim} ")
-                 + (f"{args.tokens_per_gpu} tokens/GPU" if args.tokens_per_gpu else f"N={_seq(args, 1):,}"))
+        title = (f"{cluster.name} cluster model: " + (f"{args.model}, " if model else
+                                                     f"{args.heads}/{args.kv_heads} heads x {args.head_dim}, ")
+                 + (f"{args.tokens_per_gpu:,} tokens per GPU" if args.tokens_per_gpu
+                    else f"sequence {_seq(args, 1):,} tokens"))
         png = Path(args.png) if args.png else (out or Path(".")) / "simulate_scaling.png"
         plot_scaling(srows, png, model, title)
         if out:

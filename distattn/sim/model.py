@@ -448,7 +448,3 @@ def layer_time(name: str, w: AttnWorkload, cluster: Cluster, world: int, **opts)
     if name == "ring-linear":
         return _ring_linear(w, cluster, world)
     raise ValueError(f"no simulator model for scheme {name!r}; choose from {', '.join(SIM_SCHEMES)} or usp:U")
-
-
-def with_heads(w: AttnWorkload, heads: int, kv_heads: int) -> AttnWorkload:
-    return replace(w, heads=heads, kv_heads=kv_heads)

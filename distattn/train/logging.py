@@ -54,6 +54,8 @@ class RunLogger:
             w.add_scalar("comm/exposed_s", log.exposed_s, log.step)
             for op, s in ledger.summary().items():
                 w.add_scalar(f"comm_bytes/{op}", s.bytes_sent, log.step)
+            for key, value in log.extra.items():
+                w.add_scalar(key, value, log.step)
             w.flush()
         if not self.quiet and (log.step % t.log_every == 0 or log.step == t.steps):
             print(f"step {log.step:>5}/{t.steps}  loss {log.loss:.4f}  lr {log.lr:.2e}  "

@@ -97,6 +97,11 @@ def _linear_scheme(cfg: Config, softmax):
     return linear
 
 
+def _linear_cost(cfg: Config) -> float:
+    """Linear-layer work per token in attention-pair units (~6 h for a dense layer with a 4h MLP)."""
+    return 6.0 * cfg.model.hidden_size
+
+
 @dataclass
 class StepLog:
     step: int
@@ -150,7 +155,12 @@ class Trainer:
         self.engine = None
         if t.zero_stage > 0:
             self._init_deepspeed()
-        self.stream = build_stream(cfg.data, self.dp_rank, p.dp, cfg.run.seed)
+        if cfg.data.balance == "attention":  # whole documents, equal predicted work per dp rank
+            from distattn.sched.pack import build_balanced_stream
+            self.stream = build_balanced_stream(cfg.data, self.dp_rank, p.dp, cfg.run.seed,
+                                                linear_cost=_linear_cost(cfg))
+        else:
+            self.stream = build_stream(cfg.data, self.dp_rank, p.dp, cfg.run.seed)
         self.step = 0
         self.history: list[StepLog] = []
         self.writer = None
@@ -204,17 +214,20 @@ class Trainer:
         model.train()
         loss_sum = torch.zeros(())
         scale = self.grad_comm.size if self.engine is not None else 1.0  # DeepSpeed averages
+        c0 = time.thread_time()
         for b in batches:
             tokens, labels, mask, pos = self._local(b)
             self.ctx.set_batch(b.cu_seqlens, pos, b.tokens.numel())
-            logits = model(tokens[None], pos[None], None)[0]  # [T_local, vocab]
-            per_tok = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-            loss = (per_tok * mask).sum() / denom
+            with self._offload():
+                logits = model(tokens[None], pos[None], None)[0]  # [T_local, vocab]
+                per_tok = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+                loss = (per_tok * mask).sum() / denom
             loss_sum += loss.detach()
             if self.engine is not None:
                 self.engine.backward(loss * scale)
             else:
                 loss.backward()
+        compute_s = time.thread_time() - c0
         grad_norm = self._sync_and_step()
         total = loss_sum.clone()
         self.grad_comm.all_reduce(total, op="sum")
@@ -227,8 +240,42 @@ class Trainer:
         log = StepLog(step=self.step, loss=loss_val, lr=self._lr(), grad_norm=grad_norm,
                       tokens=sum(b.tokens.numel() for b in batches) * cfg.parallel.dp,
                       step_s=time.perf_counter() - t0, comm_bytes=tot.bytes_sent, exposed_s=tot.exposed_s)
+        log.extra.update(self._balance_stats(batches, compute_s))
         self.history.append(log)
         return log
+
+    def _offload(self):
+        """model.offload_activations: saved activations to pinned host memory on CUDA runs.
+
+        On CPU the activations already live in host memory, so it is a no-op (logged once).
+        """
+        import contextlib
+        if not self.cfg.model.offload_activations:
+            return contextlib.nullcontext()
+        if not torch.cuda.is_available():
+            if not getattr(self, "_offload_noted", False):
+                self._offload_noted = True
+                if self.rank == 0 and not self.quiet:
+                    print("distattn: model.offload_activations=true has no effect on CPU "
+                          "(activations are already in host memory)", file=sys.stderr)
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+
+    def _balance_stats(self, batches, compute_s: float) -> dict:
+        """Predicted (pair units) and measured (CPU seconds of forward+backward) work of every dp rank:
+        max, mean and idle fraction sum(max - t_i) / (N max)."""
+        from distattn.sched.pack import seq_pairs
+        lin = _linear_cost(self.cfg)
+        pred = float(sum(seq_pairs(b.cu_seqlens) + lin * b.tokens.numel() for b in batches))
+        both = self.dp_comm.all_gather(torch.tensor([pred, compute_s], dtype=torch.float64))
+        out = {}
+        for i, name in enumerate(("predicted", "measured")):
+            v = [float(x) for x in both[:, i]]
+            mx, mean = max(v), sum(v) / len(v)
+            out[f"balance/{name}_max"] = mx
+            out[f"balance/{name}_mean"] = mean
+            out[f"balance/{name}_idle"] = sum(mx - x for x in v) / (len(v) * mx) if mx > 0 else 0.0
+        return out
 
     def _lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else self.cfg.train.lr

@@ -1,0 +1,185 @@
+"""Measured per-rank peak memory of one training step, and the longest context that trains.
+
+`measure_step` runs in a fresh rank process (spawned by `run_on_ranks`): it
+builds the trainer, reads the peak RSS, runs one step and reads it again; the
+growth is what the step added (gradients, optimizer state, activations,
+temporaries and communication buffers), to compare with the planner's
+prediction less the parameters, which exist before the step.
+
+`longest_trainable` bisects seq_len for the largest length whose measured
+growth stays within a budget, each point in fresh processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+
+MIB = 1024 ** 2
+
+
+def _maxrss() -> int:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib if sys.platform == "darwin" else kib * 1024
+
+
+def measure_step(cfg_dict: dict) -> dict:
+    """Peak RSS growth (bytes) of one training step on this rank, and its comm bytes."""
+    import torch.distributed as dist
+
+    from distattn.config import Config
+    from distattn.train.trainer import Trainer
+    cfg = Config.model_validate(cfg_dict)
+    tr = Trainer(cfg, quiet=True)
+    before = _maxrss()
+    log = tr.train_step()
+    grown = _maxrss() - before
+    tr.mesh.destroy()
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, grown)
+    return {"peak_growth": max(peaks), "comm_bytes": log.comm_bytes, "loss": log.loss,
+            "step_s": log.step_s}
+
+
+def measure(cfg, seq_len: int, cp: int, scheme: str, recompute: str, timeout: float = 600.0) -> dict:
+    from distattn.config import load_config
+    from distattn.multiproc import run_on_ranks
+    over = [f"data.seq_len={seq_len}", f"parallel.world_size={cp}", f"parallel.cp={cp}",
+            f"attention.scheme={scheme if cp > 1 else 'local'}", f"model.recompute={recompute}",
+            "train.tensorboard=false"]
+    c = load_config(None, _overrides_of(cfg) + over)
+    with malloc_returns_freed_memory():
+        return run_on_ranks(measure_step, cp, c.model_dump(), timeout=timeout)[0]
+
+
+@contextlib.contextmanager
+def malloc_returns_freed_memory():
+    """Spawned ranks whose RSS tracks live tensors.
+
+    glibc raises its mmap threshold after the first large free, after which
+    freed tensors stay in the heap and RSS reports the allocator's high-water
+    mark, not live memory. Fixing the threshold at 64 KiB (every activation
+    tensor of a real length is larger) and trimming at once makes the peak RSS
+    the peak of live bytes, which is what the planner predicts and what a GPU
+    caching allocator's peak reflects.
+    """
+    keys = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _overrides_of(cfg) -> list[str]:
+    m = cfg.model
+    return [f"model.{k}={getattr(m, k)}" for k in ("num_layers", "hidden_size", "num_attention_heads",
+                                                   "num_query_groups", "ffn_hidden_size", "vocab_size")]
+
+
+def longest_trainable(cfg, budget_bytes: float, cp: int, scheme: str, recompute: str,
+                      start: int, log=print) -> tuple[int, list[tuple[int, int]]]:
+    """Bisect the largest seq_len (multiple of 2*cp*64) whose measured step growth fits the budget."""
+    unit = 2 * cp * 64
+    tried: list[tuple[int, int]] = []
+
+    def fits(k: int) -> bool:
+        n = k * unit
+        got = measure(cfg, n, cp, scheme, recompute)["peak_growth"]
+        tried.append((n, got))
+        log(f"  cp={cp} {scheme} recompute={recompute} seq_len={n}: {got / MIB:.1f} MiB "
+            f"{'fits' if got <= budget_bytes else 'over'}")
+        return got <= budget_bytes
+
+    k = max(1, start // unit)
+    if fits(k):
+        lo, hi = k, None
+        while hi is None:
+            if fits(2 * lo):
+                lo *= 2
+            else:
+                hi = 2 * lo
+    else:
+        hi, lo = k, 0
+        while lo == 0 and hi > 1:
+            if fits(hi // 2):
+                lo = hi // 2
+            else:
+                hi //= 2
+    while hi - lo > max(1, lo // 16):  # to ~6%: each point is a fresh training process
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo * unit, tried
+
+
+def run_longest(budget_mib: float, worlds: list[int], recomputes: list[str], scheme: str = "ring",
+                overrides: list[str] = (), log=print) -> list[dict]:
+    """Measured vs predicted longest trainable context, per world size and recompute mode."""
+    from distattn.config import load_config
+    from distattn.plan.memory import longest_context, predict_memory
+    cfg = load_config(None, list(overrides))
+    budget = budget_mib * MIB
+    rows = []
+    for rc in recomputes:
+        for w in worlds:
+            sch = scheme if w > 1 else "local"
+            params = predict_memory(cfg, 2 * w, cp=w, scheme=sch, recompute=rc).params
+            predicted = longest_context(cfg, budget + params, w, sch, rc)
+            measured, tried = longest_trainable(cfg, budget, w, sch, rc, start=predicted, log=log)
+            point = measure(cfg, measured, w, sch, rc)
+            plan = predict_memory(cfg, measured, cp=w, scheme=sch, recompute=rc)
+            rows.append({"world": w, "scheme": sch, "recompute": rc, "predicted": predicted,
+                         "measured": measured, "peak_mib": point["peak_growth"] / MIB,
+                         "predicted_peak_mib": (plan.total - plan.params) / MIB,
+                         "comm_bytes": point["comm_bytes"], "step_s": point["step_s"],
+                         "tried": tried})
+            log(f"cp={w} {sch} recompute={rc}: measured {measured}, predicted {predicted}")
+    return rows
+
+
+def format_rows(rows: list[dict], budget_mib: float) -> str:
+    base = {r["recompute"]: r["measured"] for r in rows if r["world"] == 1}
+    head = (f"| W | scheme | recompute | longest measured | longest predicted | x W=1 | "
+            f"step peak MiB (meas / pred) | step s |")
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = r["measured"] / base[r["recompute"]] if base.get(r["recompute"]) else float("nan")
+        lines.append(f"| {r['world']} | {r['scheme']} | {r['recompute']} | {r['measured']} | "
+                     f"{r['predicted']} | {ratio:.2f} | {r['peak_mib']:.1f} / "
+                     f"{r['predicted_peak_mib']:.1f} | {r['step_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+    p = argparse.ArgumentParser(description="longest trainable context: measured vs planned")
+    p.add_argument("--budget-mib", type=float, default=128.0,
+                   help="per-rank budget for the memory one step adds (MiB)")
+    p.add_argument("--worlds", default="1,4")
+    p.add_argument("--recompute", default="none,full")
+    p.add_argument("--scheme", default="ring")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    rows = run_longest(a.budget_mib, [int(x) for x in a.worlds.split(",")], a.recompute.split(","),
+                       a.scheme, a.overrides, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_rows(rows, a.budget_mib))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
