@@ -45,6 +45,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from distattn.comm import Comm
 
 __all__ = ["SweepSpec", "Point", "load_sweep", "run_point_on_ranks", "run_sweep", "add_parser"]
 
@@ -281,7 +282,7 @@ def _rank_point(spec_dict: dict, scheme_name: str, n_tokens: int, _warming: bool
     ledger.reset()
     walls, cpus = [], []
     for _ in range(s.iters):
-        dist.barrier(group)
+        Comm(group).barrier()
         c0, w0 = time.thread_time(), time.perf_counter()
         step()
         cpus.append(time.thread_time() - c0)

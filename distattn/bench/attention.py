@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from distattn.comm import Comm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PEERS = ("deepspeed-ulysses", "ring-unbalanced")
@@ -151,7 +152,7 @@ def _rank_bench(spec: BenchSpec, name: str) -> dict:
     ledger.reset()
     computes, walls = [], []
     for _ in range(spec.iters):
-        dist.barrier(group)
+        Comm(group).barrier()
         c0, w0 = time.thread_time(), time.perf_counter()
         step()
         computes.append(time.thread_time() - c0)
@@ -164,7 +165,7 @@ def _rank_bench(spec: BenchSpec, name: str) -> dict:
         with override_backend(NullKernel()):
             step()
             ledger.reset()
-            dist.barrier(group)
+            Comm(group).barrier()
             for _ in range(spec.iters):
                 step()
         alone = ledger.totals().exposed_s / spec.iters

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from distattn.comm import Comm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DISTS = ("stdlib", "lognormal")
@@ -338,7 +339,7 @@ def _rank_bench(spec: CadBenchSpec, mode: str, doc_lens: list[int], token_cost: 
     ledger.reset()
     cpus, walls = [], []
     for _ in range(spec.iters):
-        dist.barrier(group)
+        Comm(group).barrier()
         c0, w0 = time.thread_time(), time.perf_counter()
         step()
         cpus.append(time.thread_time() - c0)
@@ -350,7 +351,7 @@ def _rank_bench(spec: CadBenchSpec, mode: str, doc_lens: list[int], token_cost: 
             step()
             ledger.reset()
             for _ in range(spec.iters):
-                dist.barrier(group)
+                Comm(group).barrier()
                 step()
         alone = ledger.totals().exposed_s / spec.iters
     return asdict(RankStat(role=role, pairs=pairs, cpu_s=statistics.median(cpus),

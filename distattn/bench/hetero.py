@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from distattn.comm import Comm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -83,7 +84,7 @@ def _rank_bench(spec: HeteroBenchSpec, n: int, which: str) -> dict:
     ledger.reset()
     computes, walls = [], []
     for _ in range(spec.iters):
-        dist.barrier(group)
+        Comm(group).barrier()
         c0, w0 = time.thread_time(), time.perf_counter()
         step()
         computes.append(time.thread_time() - c0)

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from distattn.comm import Comm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LINEAR_SCHEMES = ("lasp2", "lasp1")
@@ -119,7 +120,7 @@ def _rank_bench(spec: LinearBenchSpec, name: str, n: int) -> dict:
     ledger.reset()
     cpus, walls = [], []
     for _ in range(spec.iters):
-        dist.barrier(group)
+        Comm(group).barrier()
         c0, w0 = time.thread_time(), time.perf_counter()
         step()
         cpus.append(time.thread_time() - c0)

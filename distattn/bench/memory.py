@@ -24,6 +24,39 @@ def _maxrss() -> int:
     return kib if sys.platform == "darwin" else kib * 1024
 
 
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> int:
+    """Start a fresh peak: on Linux reset VmHWM to the current RSS and return it.
+
+    ru_maxrss never goes down, so a transient peak while the model was built
+    would hide a smaller step peak; clear_refs "5" resets the kernel's counter.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss = _status_bytes("VmRSS")
+        if rss is not None:
+            return rss
+    except OSError:
+        pass
+    return _maxrss()
+
+
+def _peak() -> int:
+    hwm = _status_bytes("VmHWM")
+    return hwm if hwm is not None else _maxrss()
+
+
 def measure_step(cfg_dict: dict) -> dict:
     """Peak RSS growth (bytes) of one training step on this rank, and its comm bytes."""
     import torch.distributed as dist
@@ -32,13 +65,16 @@ def measure_step(cfg_dict: dict) -> dict:
     from distattn.train.trainer import Trainer
     cfg = Config.model_validate(cfg_dict)
     tr = Trainer(cfg, quiet=True)
-    before = _maxrss()
+    before = _reset_peak()
     log = tr.train_step()
-    grown = _maxrss() - before
+    grown = _peak() - before
     tr.mesh.destroy()
-    peaks = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, grown)
-    return {"peak_growth": max(peaks), "comm_bytes": log.comm_bytes, "loss": log.loss,
+    import torch
+
+    from distattn.comm import Comm, CommLedger
+    peak = torch.tensor([float(grown)], dtype=torch.float64)
+    Comm(None, CommLedger()).all_reduce(peak, op="max")
+    return {"peak_growth": int(peak.item()), "comm_bytes": log.comm_bytes, "loss": log.loss,
             "step_s": log.step_s}
 
 

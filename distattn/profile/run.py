@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 from distattn.profile.report import RankRow, SchemeSummary, build_rows, summarize, write_report
 from distattn.profile.trace import STEP_PREFIX, analyze, load_trace
+from distattn.comm import Comm
 
 __all__ = ["ProfileSpec", "ProfileResult", "scheme_config", "run_profile", "analyze_traces"]
 
@@ -103,7 +104,7 @@ def _rank_profile(cfg_dict: dict, warmup: int, steps: int, trace_dir: str) -> di
         dflt = default_ledger()
         if cuda:
             torch.cuda.synchronize()
-        dist.barrier()
+        Comm().barrier()
         with profile(activities=acts) as prof:
             for i in range(steps):
                 dflt.reset()

@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from distattn.comm import Comm
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -35,7 +37,7 @@ def save(tr) -> Path:
     path = _step_dir(root, tr.step)
     if tr.rank == 0:
         path.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    Comm().barrier()
     if tr.engine is not None:
         tr.engine.save_checkpoint(str(path), tag="deepspeed")
     else:
@@ -44,13 +46,13 @@ def save(tr) -> Path:
     torch.save({"step": tr.step, "scheduler": tr.scheduler.state_dict(),
                 "data": tr.stream.state_dict(), "rng": torch.get_rng_state()},
                path / f"rank{tr.rank:05d}.pt")
-    dist.barrier()
+    Comm().barrier()
     if tr.rank == 0:
         meta = {"step": tr.step, "dp": tr.cfg.parallel.dp, "cp": tr.cfg.parallel.cp,
                 "world": tr.world, "zero_stage": tr.cfg.train.zero_stage}
         (path / "meta.json").write_text(json.dumps(meta))
         (root / "latest").write_text(path.name)
-    dist.barrier()
+    Comm().barrier()
     return path
 
 

@@ -341,7 +341,8 @@ def probe_rank(cfg_dict: dict) -> dict:
     cfg = Config.model_validate(cfg_dict)
     backend = _init_process_group(cfg)
     t = torch.ones(1)
-    dist.all_reduce(t)
+    from distattn.comm import Comm
+    Comm(None).all_reduce(t)  # the group works end to end
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR",
             "MASTER_PORT", "DISTATTN_ROLE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
     pg = ray.util.get_current_placement_group() if ray.is_initialized() else None
