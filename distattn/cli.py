@@ -37,11 +37,7 @@ def cmd_bench_attention(args) -> int:
         spec.schemes += [p for p in ("ring-unbalanced", "deepspeed-ulysses") if p not in spec.schemes]
     rows, single = run_attention_bench(spec)
     print(format_table(rows, single, spec))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"spec": asdict(spec), "single_s": single,
-                                               "rows": [asdict(r) for r in rows]}, indent=2))
-        print(f"wrote {args.json}")
+    _write_json(args.json, {"spec": asdict(spec), "single_s": single, "rows": [asdict(r) for r in rows]})
     return 0
 
 
@@ -94,6 +90,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _write_json(path: str | None, payload: dict) -> None:
+    """Write a benchmark's results as JSON when --json was given."""
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2))
+    print(f"wrote {path}")
+
+
 def _int_list(text: str) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
@@ -120,11 +125,7 @@ def cmd_bench_linear(args) -> int:
         return 2
     rows = run_linear_bench(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(rows, spec))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"spec": asdict(spec), "rows": rows_as_dicts(rows)},
-                                              indent=2))
-        print(f"wrote {args.json}")
+    _write_json(args.json, {"spec": asdict(spec), "rows": rows_as_dicts(rows)})
     return 0
 
 
@@ -148,11 +149,7 @@ def cmd_bench_hetero(args) -> int:
         return 2
     rows = run_hetero_bench(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(rows, spec))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"spec": asdict(spec), "rows": rows_as_dicts(rows)},
-                                              indent=2))
-        print(f"wrote {args.json}")
+    _write_json(args.json, {"spec": asdict(spec), "rows": rows_as_dicts(rows)})
     return 0
 
 
@@ -179,10 +176,7 @@ def cmd_bench_cad(args) -> int:
         print(format_planner([PlanRow(**r) for r in res["planner"]], spec))
     if "measured" in res:
         print(format_measured([RunRow(**r) for r in res["measured"]], spec, res["token_cost"]))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2))
-        print(f"wrote {args.json}")
+    _write_json(args.json, res)
     return 0
 
 

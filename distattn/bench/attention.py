@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from distattn.bench.timing import timed_steps
 from distattn.comm import Comm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -150,13 +151,7 @@ def _rank_bench(spec: BenchSpec, name: str) -> dict:
     for _ in range(spec.warmup):
         step()
     ledger.reset()
-    computes, walls = [], []
-    for _ in range(spec.iters):
-        Comm(group).barrier()
-        c0, w0 = time.thread_time(), time.perf_counter()
-        step()
-        computes.append(time.thread_time() - c0)
-        walls.append(time.perf_counter() - w0)
+    computes, walls = timed_steps(step, spec.iters, group)
     tot = ledger.totals()
     # the same communication with compute removed: how long the transfers take alone
     alone = float("nan")

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from distattn.bench.timing import timed_steps
 from distattn.comm import Comm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -337,13 +338,7 @@ def _rank_bench(spec: CadBenchSpec, mode: str, doc_lens: list[int], token_cost: 
         s = scheme.roles(world).servers.index(rank)
         pairs = sum(p.server_flops[s] for p in scheme.last_plans)
     ledger.reset()
-    cpus, walls = [], []
-    for _ in range(spec.iters):
-        Comm(group).barrier()
-        c0, w0 = time.thread_time(), time.perf_counter()
-        step()
-        cpus.append(time.thread_time() - c0)
-        walls.append(time.perf_counter() - w0)
+    cpus, walls = timed_steps(step, spec.iters, group)
     tot = ledger.totals()
     alone = 0.0
     if mode != "packing":  # the same step with a null kernel: how long the transfers take alone

@@ -12,11 +12,10 @@ computed; the critical path is the max over ranks. Reported:
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from distattn.comm import Comm
+from distattn.bench.timing import timed_steps
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -82,13 +81,7 @@ def _rank_bench(spec: HeteroBenchSpec, n: int, which: str) -> dict:
     for _ in range(spec.warmup):
         step()
     ledger.reset()
-    computes, walls = [], []
-    for _ in range(spec.iters):
-        Comm(group).barrier()
-        c0, w0 = time.thread_time(), time.perf_counter()
-        step()
-        computes.append(time.thread_time() - c0)
-        walls.append(time.perf_counter() - w0)
+    computes, walls = timed_steps(step, spec.iters, group)
     if which == "ring":
         pairs = scheme.layout(n, world).cost(rank) * spec.heads
     else:

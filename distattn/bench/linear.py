@@ -16,11 +16,10 @@ per-rank CPU time cannot see (LASP-1's state hops).
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from distattn.comm import Comm
+from distattn.bench.timing import timed_steps
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LINEAR_SCHEMES = ("lasp2", "lasp1")
@@ -118,13 +117,7 @@ def _rank_bench(spec: LinearBenchSpec, name: str, n: int) -> dict:
     for _ in range(spec.warmup):
         step()
     ledger.reset()
-    cpus, walls = [], []
-    for _ in range(spec.iters):
-        Comm(group).barrier()
-        c0, w0 = time.thread_time(), time.perf_counter()
-        step()
-        cpus.append(time.thread_time() - c0)
-        walls.append(time.perf_counter() - w0)
+    cpus, walls = timed_steps(step, spec.iters, group)
     tot = ledger.totals()
     return dict(cpu_s=statistics.median(cpus), wall_s=statistics.median(walls),
                 bytes_sent=tot.bytes_sent // spec.iters, exposed_s=tot.exposed_s / spec.iters)
