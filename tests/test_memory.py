@@ -8,8 +8,6 @@ a fresh process (see distattn/plan/memory.py for what is modelled).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -59,24 +57,24 @@ def test_recompute_keeps_gradients(ranks, tmp_path, name, extra):
             assert got[2] > base[2], (mode, got[2], base[2])
 
 
-@pytest.mark.skipif(not os.environ.get("DISTATTN_MEMORY_ACCURACY"),
-                    reason="peak-RSS growth depends on the allocator state of a fresh environment: "
-                           "0.79-0.92 of the prediction in a fresh clone vs 0.98 in a warm one; "
-                           "set DISTATTN_MEMORY_ACCURACY=1 to run")
+# (cp, scheme, seq_len, recompute): three context lengths without recomputation,
+# then each recompute mode and a context-parallel scheme
+ACCURACY_POINTS = [(1, "local", 4096, "none"), (1, "local", 8192, "none"), (1, "local", 16384, "none"),
+                   (1, "local", 16384, "full"), (2, "ring", 16384, "selective")]
+
+
 def test_planner_predicts_measured_peak():
-    """Predicted per-rank step peak (less the parameters, which exist before the step) vs measured
-    peak RSS growth of one step in a fresh process, at three context lengths (W=1) and ring cp=2."""
+    """Predicted per-rank step peak (less the parameters, which exist before the step) within 15% of
+    the measured peak RSS growth over two steps after a warm-up step, each point a fresh process."""
     from distattn.bench.memory import measure
     from distattn.plan.memory import predict_memory
     cfg = load_config(None, TINY)
-    errors = []
-    for cp, scheme, n, rc in [(1, "local", 4096, "none"), (1, "local", 8192, "none"),
-                              (1, "local", 16384, "none"), (2, "ring", 16384, "full")]:
-        got = measure(cfg, n, cp, scheme, rc, timeout=120)["peak_growth"]
+    ratios = []
+    for cp, scheme, n, rc in ACCURACY_POINTS:
+        got = measure(cfg, n, cp, scheme, rc, timeout=300)["peak_growth"]
         plan = predict_memory(cfg, n, cp=cp, scheme=scheme, recompute=rc)
-        want = plan.total - plan.params
-        errors.append((cp, n, rc, want / got))
-    assert all(abs(r - 1) <= 0.15 for *_, r in errors), errors
+        ratios.append((cp, scheme, n, rc, round((plan.total - plan.params) / got, 3)))
+    assert all(abs(r[-1] - 1) <= 0.15 for r in ratios), ratios
 
 
 def test_plan_memory_cli_prints_table(capsys):

@@ -1,13 +1,16 @@
 """Measured per-rank peak memory of one training step, and the longest context that trains.
 
-`measure_step` runs in a fresh rank process (spawned by `run_on_ranks`): it
-builds the trainer, reads the peak RSS, runs one step and reads it again; the
-growth is what the step added (gradients, optimizer state, activations,
-temporaries and communication buffers), to compare with the planner's
-prediction less the parameters, which exist before the step.
+`measure_step` runs in a fresh rank process (spawned by `run_on_ranks`): after
+a throwaway warm-up step at the shortest length it builds the trainer, resets
+the kernel's peak-RSS counter, runs two steps (the second is the steady state,
+with optimizer state) and reads the peak; the growth is what training added
+(gradients, optimizer state, activations, temporaries and communication
+buffers), to compare with the planner's prediction less the parameters, which
+exist before the step.
 
-`longest_trainable` bisects seq_len for the largest length whose measured
-growth stays within a budget, each point in fresh processes.
+`longest_trainable` searches seq_len for the largest length whose measured
+growth stays within a budget, starting from the planner's prediction, each
+point in fresh processes.
 """
 from __future__ import annotations
 
@@ -57,16 +60,48 @@ def _peak() -> int:
     return hwm if hwm is not None else _maxrss()
 
 
-def measure_step(cfg_dict: dict) -> dict:
+def _warm_up(cfg) -> None:
+    """One throwaway step at the shortest length, then free it all.
+
+    A process's first step also pays one-time costs that do not scale with the
+    context and are not the step's memory: lazy imports and their bytecode
+    compilation, thread pools, kernel dispatch tables. They vary with the
+    environment (a fresh checkout compiles its modules, a warm one does not),
+    so the measured step follows a warm-up, as GPU peaks exclude the CUDA
+    context and library workspaces.
+    """
+    import ctypes
+    import gc
+
+    from distattn.config import Config
+    from distattn.train.trainer import Trainer
+    d = cfg.model_dump()
+    d["data"]["seq_len"] = 2 * cfg.parallel.cp * 64
+    small = Config.model_validate(d)
+    tr = Trainer(small, quiet=True)
+    tr.train_step()
+    tr.mesh.destroy()
+    del tr
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def measure_step(cfg_dict: dict, warm_up: bool = True, steps: int = 2) -> dict:
     """Peak RSS growth (bytes) of one training step on this rank, and its comm bytes."""
     import torch.distributed as dist
 
     from distattn.config import Config
     from distattn.train.trainer import Trainer
     cfg = Config.model_validate(cfg_dict)
+    if warm_up:
+        _warm_up(cfg)
     tr = Trainer(cfg, quiet=True)
     before = _reset_peak()
-    log = tr.train_step()
+    for _ in range(steps):  # the second step is the steady state: optimizer state already exists
+        log = tr.train_step()
     grown = _peak() - before
     tr.mesh.destroy()
     import torch
@@ -78,7 +113,8 @@ def measure_step(cfg_dict: dict) -> dict:
             "step_s": log.step_s}
 
 
-def measure(cfg, seq_len: int, cp: int, scheme: str, recompute: str, timeout: float = 600.0) -> dict:
+def measure(cfg, seq_len: int, cp: int, scheme: str, recompute: str, timeout: float = 600.0,
+            warm_up: bool = True) -> dict:
     from distattn.config import load_config
     from distattn.multiproc import run_on_ranks
     over = [f"data.seq_len={seq_len}", f"parallel.world_size={cp}", f"parallel.cp={cp}",
@@ -86,7 +122,7 @@ def measure(cfg, seq_len: int, cp: int, scheme: str, recompute: str, timeout: fl
             "train.tensorboard=false"]
     c = load_config(None, _overrides_of(cfg) + over)
     with malloc_returns_freed_memory():
-        return run_on_ranks(measure_step, cp, c.model_dump(), timeout=timeout)[0]
+        return run_on_ranks(measure_step, cp, c.model_dump(), warm_up, timeout=timeout)[0]
 
 
 @contextlib.contextmanager
@@ -120,41 +156,60 @@ def _overrides_of(cfg) -> list[str]:
 
 
 def longest_trainable(cfg, budget_bytes: float, cp: int, scheme: str, recompute: str,
-                      start: int, log=print) -> tuple[int, list[tuple[int, int]]]:
-    """Bisect the largest seq_len (multiple of 2*cp*64) whose measured step growth fits the budget."""
+                      start: int, log=print, step: float = 0.06,
+                      resolution: float = 0.03) -> tuple[int, list[tuple[int, int]], dict | None]:
+    """Largest seq_len (multiple of 2*cp*64) whose measured step growth fits the budget.
+
+    Starts at `start` (the planner's prediction), steps by `step` (relative)
+    up or down until one length fits and the next does not, then bisects to
+    `resolution`: with a planner within a few percent that is 3-5 points, each
+    a fresh training process, instead of a doubling search from scratch.
+    """
     unit = 2 * cp * 64
     tried: list[tuple[int, int]] = []
+    seen: dict[int, bool] = {}
+    results: dict[int, dict] = {}
 
     def fits(k: int) -> bool:
-        n = k * unit
-        got = measure(cfg, n, cp, scheme, recompute)["peak_growth"]
-        tried.append((n, got))
-        log(f"  cp={cp} {scheme} recompute={recompute} seq_len={n}: {got / MIB:.1f} MiB "
-            f"{'fits' if got <= budget_bytes else 'over'}")
-        return got <= budget_bytes
+        if k not in seen:
+            n = k * unit
+            results[k] = measure(cfg, n, cp, scheme, recompute)
+            got = results[k]["peak_growth"]
+            tried.append((n, got))
+            seen[k] = got <= budget_bytes
+            log(f"  cp={cp} {scheme} recompute={recompute} seq_len={n}: {got / MIB:.1f} MiB "
+                f"{'fits' if seen[k] else 'over'}")
+        return seen[k]
+
+    def stride(k: int) -> int:
+        return max(1, round(k * step))
 
     k = max(1, start // unit)
     if fits(k):
         lo, hi = k, None
         while hi is None:
-            if fits(2 * lo):
-                lo *= 2
+            nxt = lo + stride(lo)
+            if fits(nxt):
+                lo = nxt
             else:
-                hi = 2 * lo
+                hi = nxt
     else:
-        hi, lo = k, 0
-        while lo == 0 and hi > 1:
-            if fits(hi // 2):
-                lo = hi // 2
+        lo, hi = None, k
+        while lo is None:
+            nxt = hi - stride(hi)
+            if nxt < 1:
+                return 0, tried, None
+            if fits(nxt):
+                lo = nxt
             else:
-                hi //= 2
-    while hi - lo > max(1, lo // 16):  # to ~6%: each point is a fresh training process
+                hi = nxt
+    while hi - lo > max(1, int(lo * resolution)):
         mid = (lo + hi) // 2
         if fits(mid):
             lo = mid
         else:
             hi = mid
-    return lo * unit, tried
+    return lo * unit, tried, results[lo]
 
 
 def run_longest(budget_mib: float, worlds: list[int], recomputes: list[str], scheme: str = "ring",
@@ -170,8 +225,10 @@ def run_longest(budget_mib: float, worlds: list[int], recomputes: list[str], sch
             sch = scheme if w > 1 else "local"
             params = predict_memory(cfg, 2 * w, cp=w, scheme=sch, recompute=rc).params
             predicted = longest_context(cfg, budget + params, w, sch, rc)
-            measured, tried = longest_trainable(cfg, budget, w, sch, rc, start=predicted, log=log)
-            point = measure(cfg, measured, w, sch, rc)
+            measured, tried, point = longest_trainable(cfg, budget, w, sch, rc, start=predicted, log=log)
+            if point is None:
+                raise RuntimeError(f"cp={w} {sch} recompute={rc}: not even {2 * w * 64} tokens fit "
+                                   f"{budget_mib} MiB; raise --budget-mib")
             plan = predict_memory(cfg, measured, cp=w, scheme=sch, recompute=rc)
             rows.append({"world": w, "scheme": sch, "recompute": rc, "predicted": predicted,
                          "measured": measured, "peak_mib": point["peak_growth"] / MIB,

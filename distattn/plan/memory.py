@@ -1,39 +1,43 @@
 """Per-rank peak memory of a training step, and the longest context under a budget.
 
 The model is the trainer's megatron GPT (RMSNorm, SwiGLU, no biases, untied
-embedding and output layer) with distattn core attention. Per rank:
+embedding and output layer) with distattn core attention. Per rank, with
+T = seq_len / cp local tokens and element size s:
 
 static      parameters P*s, gradients P*s plus the fp32 flat all-reduce copy
-            4P, AdamW moments 2*P*s_opt (fp32 master copy and moments with
-            bf16 through DeepSpeed). ZeRO-1 divides the optimizer state by
-            the dp*cp ranks, ZeRO-2 the gradients too.
-activations saved tensors per local token (T = seq_len / cp), counted from
-            what autograd keeps in each layer (element size s, fp32 stats):
-            attention block: norm input, rstd, normalised and scaled output
-            (3h + 1), q h, k and v 2*Hkv*D, attention out h, lse H (fp32),
-            output-projection input h;  MLP block: norm 3h + 1, fc1 output
-            2F, SwiGLU gate, activation and product 3F;
-            once per model: tokens and labels (int64), RoPE cos/sin 2D
-            (fp32), log-softmax of the logits V (fp32), per-token loss.
-            recompute=full keeps only each layer's input h (+ one layer's
-            working set while it is recomputed); recompute=selective keeps
-            each layer's input plus its core attention's inputs and saved
-            tensors (q, k, v twice: before and after RoPE, out, lse).
-transient   the backward's largest live temporaries, the larger of: the
-            gradient of the logits and of the log-softmax (2V fp32 per
-            token) with the residual-stream gradient (2h); or one layer's
-            recomputed activations (recompute modes) with the gradients of
-            the residual stream and the layer's widest activation (2h + 2F).
-comm        the scheme's communication buffers for one layer:
-              ring       two K/V blocks in flight plus the fp32 dK/dV
-                         accumulator in flight and at home
-              allgather  the gathered K/V of the whole sequence and its
-                         fp32 gradient
-              ulysses    the head-sharded full-sequence q, k, v, out (and
-                         their gradients in backward)
-              lasp2      the gathered per-rank states (H*D*D per rank, fp32)
+            4P, AdamW moments 2*P*s (fp32 master copy and moments with bf16
+            through DeepSpeed). ZeRO-1 divides the optimizer state by the
+            dp*cp ranks, ZeRO-2 the gradients too. Live all step long.
+activations what autograd saves per token, from a census of the saved
+            tensors: per layer two RMSNorms (input, output, fp32 rstd), the
+            projection input, q/k/v/out and the fp32 lse of the scheme, fc1's
+            output (2f) and SwiGLU's three f-wide tensors:
+            (8h + 2*Hkv*D + 5f)*s + 4H + 8 bytes. recompute=full keeps each
+            layer's input (h*s); recompute=selective keeps the input, the core
+            attention's inputs before RoPE and what its scheme saved. Once per
+            model: tokens, labels, per-token loss, RoPE cos/sin.
+peak        the largest of three moments of the backward, each counted as the
+            tensors live then (the `phase` of the plan):
+              loss                the log-softmax (fp32 V), the output layer's
+                                  input and the two V-wide fp32 gradients;
+              mlp_backward        the last layer's activations (rebuilt, with
+                                  recomputation) and three h-wide gradients;
+              attention_backward  the same less the MLP's saved tensors, plus
+                                  the gradients of out, q, k, v and the
+                                  scheme's backward buffers for one layer:
+                ring       two K/V blocks in flight plus the fp32 dK/dV in
+                           flight and at home
+                allgather  the gathered K/V of the whole sequence and its
+                           fp32 gradient
+                ulysses    the head-sharded full-sequence q, k, v, out and
+                           their gradients
+                lasp2      the gathered per-rank states (H*D*D fp32 each)
+            Communication buffers are live only while attention runs, so they
+            add to the peak only when that moment is the largest.
 
-runtime     a fixed 6 MiB a first step allocates whatever the length.
+Measured against the peak resident-set growth of two training steps after a
+warm-up step (distattn/bench/memory.py): within a few percent for the tiny
+model at 4K-16K tokens in all three recompute modes (docs/benchmarks.md).
 
 The longest context is the largest seq_len (a multiple of 2*cp, as zigzag
 needs) whose predicted peak fits the budget, found by bisection.
@@ -44,9 +48,6 @@ from dataclasses import asdict, dataclass
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
-# Allocations a first training step makes regardless of length (autograd engine,
-# kernel workspaces, optimizer bookkeeping), measured on CPU for the tiny model.
-RUNTIME_BYTES = 6 * MIB
 
 
 @dataclass
@@ -61,7 +62,7 @@ class MemoryPlan:
     activations: int
     transient: int
     comm: int
-    runtime: int = 0      # fixed first-step allocations (autograd engine, kernel workspaces)
+    phase: str = ""       # the moment of the step that sets the peak
 
     @property
     def static(self) -> int:
@@ -69,7 +70,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.static + self.activations + self.transient + self.comm + self.runtime
+        return self.static + self.activations + self.transient + self.comm
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -84,19 +85,56 @@ def param_count(m) -> int:
     return 2 * v * h + m.num_layers * layer
 
 
-def _layer_saved(m, s: int) -> tuple[float, float, float]:
-    """Per-token bytes one layer saves: (non-attention part, core attention part, attention inputs)."""
+def _layer_saved(m, s: int) -> dict[str, float]:
+    """Per-token bytes one transformer layer saves for its backward, by part.
+
+    Counted from the tensors autograd keeps (a census of saved tensors of the
+    megatron layer with distattn core attention): two RMSNorms (input and
+    normalised output each, fp32 rstd), q/k/v and the projection input, the
+    scheme's q, k, v, out and lse, fc1's output and the SwiGLU's three f-wide
+    tensors.
+    """
     h, H, d, kv, f = m.hidden_size, m.num_attention_heads, m.head_dim, m.num_query_groups, m.ffn_hidden_size
-    norm = (3 * h) * s + 4
-    core = (h + 2 * kv * d + h) * s + 4 * H          # q (roped), k, v, out, lse
-    rest = norm + h * s + norm + 5 * f * s           # attention norm, proj input, MLP norm, SwiGLU
-    inputs = (h + 2 * kv * d) * s                    # core attention inputs (before RoPE)
-    return rest, core, inputs
+    core = (2 * h + 2 * kv * d) * s + 4 * H            # q (roped), k (roped), v, out; lse fp32
+    attn_rest = 3 * h * s + 4                          # norm input and output, projection input, rstd
+    mlp = 3 * h * s + 4 + 5 * f * s                    # norm, fc1 input, fc1 output (2f), SwiGLU 3f
+    inputs = (h + 2 * kv * d) * s                      # core attention inputs before RoPE
+    return {"core": core, "attn_rest": attn_rest, "mlp": mlp, "inputs": inputs,
+            "full": core + attn_rest + mlp}
+
+
+def _comm_buffers(scheme: str, cp: int, T: int, m, s: int) -> tuple[float, float]:
+    """(forward, backward) bytes of one layer's communication buffers on a rank."""
+    H, d, kv = m.num_attention_heads, m.head_dim, m.num_query_groups
+    kv_local = 2 * T * kv * d                          # this rank's K and V elements
+    if cp == 1 or scheme == "local":
+        return 0.0, 0.0
+    if scheme in ("ring", "hetero", "cad"):
+        # two K/V blocks in flight; backward adds the fp32 dK/dV in flight and at home
+        return 2 * kv_local * s, 2 * kv_local * s + 2 * kv_local * 4
+    if scheme == "allgather":
+        # the gathered K/V of the whole sequence; backward adds its fp32 gradient
+        return kv_local * cp * s, kv_local * cp * (s + 4)
+    if scheme in ("ulysses", "usp"):
+        # head-sharded full-sequence q, k, v, out (and in backward their gradients)
+        a2a = T * (2 * H * d + 2 * kv * d) * s
+        return a2a, 2 * a2a
+    if scheme in ("lasp2", "lasp1"):
+        return 2 * cp * H * d * d * 4, 2 * cp * H * d * d * 4
+    return 2 * kv_local * (s + 4), 2 * kv_local * (s + 4)
 
 
 def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: int | None = None,
                    scheme: str | None = None, recompute: str | None = None) -> MemoryPlan:
-    """Predicted per-rank peak bytes of one training step of `cfg` (overrides optional)."""
+    """Predicted per-rank peak bytes of a training step of `cfg` (overrides optional).
+
+    The peak is the largest of three moments, each the tensors live then:
+    the loss (all saved activations plus the logits' log-softmax and its
+    gradients), the backward of the last layer's MLP (with recomputation,
+    that layer's activations rebuilt) and the backward of its core attention
+    (the scheme's backward buffers). Static memory (parameters, gradients,
+    optimizer state) is live at all three in a steady-state step.
+    """
     m, t = cfg.model, cfg.train
     n = int(seq_len or cfg.data.seq_len)
     cp = int(cp or cfg.parallel.cp)
@@ -104,8 +142,7 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
     scheme = scheme or cfg.attention.scheme
     recompute = recompute or m.recompute
     s = 2 if m.dtype == "bf16" else 4
-    h, H, d, kv, f, V = (m.hidden_size, m.num_attention_heads, m.head_dim, m.num_query_groups,
-                         m.ffn_hidden_size, m.vocab_size)
+    h, d, kv, f, V = m.hidden_size, m.head_dim, m.num_query_groups, m.ffn_hidden_size, m.vocab_size
     T = -(-n // cp)  # tokens on this rank
     P = param_count(m)
     shards = dp * cp
@@ -117,44 +154,41 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
         optim = opt_full // shards
         grads = P * s + (4 * P // shards if t.zero_stage == 2 else 4 * P)
 
-    rest, core, inputs = _layer_saved(m, s)
+    part = _layer_saved(m, s)
     L = m.num_layers
-    per_layer_full = rest + core
     if recompute == "none":
-        layers = L * per_layer_full
-        redo = 0.0
+        kept, redo = part["full"], 0.0
     elif recompute == "full":
-        layers = L * h * s
-        redo = per_layer_full                 # one layer's activations while it is recomputed
+        kept, redo = h * s, part["full"]
     elif recompute == "selective":
-        layers = L * (h * s + core + inputs)
-        redo = rest
+        # rebuilt: everything but the core attention; the rebuilt q/k/v
+        # projection (measured live through the layer's backward) too
+        kept = h * s + part["core"] + part["inputs"]
+        redo = part["attn_rest"] + part["mlp"] + part["inputs"]
     else:
         raise ValueError(f"recompute={recompute!r}; choose none, selective or full")
-    once = 8 + 8 + 2 * d * 4 + 4 * V + 4   # tokens, labels, rope cos/sin, log-softmax, loss
-    activations = int(T * (layers + once))
-    # the loss's temporaries are freed before the layers' backward (and recomputation) begins
-    loss_part = 2 * 4 * V + 2 * h * s
-    layer_part = redo + (2 * h + 2 * f) * s
-    transient = int(T * max(loss_part, layer_part))
-
-    kv_local = 2 * T * kv * d
-    if cp == 1 or scheme == "local":
-        comm = 0
-    elif scheme in ("ring", "hetero", "cad"):
-        comm = 2 * kv_local * s + 2 * kv_local * 4
-    elif scheme == "allgather":
-        comm = kv_local * cp * (s + 4)
-    elif scheme in ("ulysses", "usp"):
-        # u ranks hold T*u tokens of H/u heads each: q, k, v, out and their gradients
-        comm = 2 * T * (2 * H * d + 2 * kv * d) * s
-    elif scheme in ("lasp2", "lasp1"):
-        comm = 2 * cp * H * d * d * 4
-    else:
-        comm = 2 * kv_local * (s + 4)
+    once = 8 + 8 + 4 + 2 * d * 4                      # tokens, labels, per-token loss, RoPE cos/sin
+    base = L * kept + once
+    # 1. the loss: saved log-softmax (fp32) and the final norm output, plus the
+    #    gradients of the log-softmax and of the logits
+    loss = base + 4 * V + h * s + 2 * 4 * V
+    # 2. the last layer's MLP backward: its activations (rebuilt, with
+    #    recomputation) and three h-wide gradients (residual stream, MLP
+    #    output, norm input); its saved tensors are freed as it proceeds
+    mlp = base + redo + 3 * h * s
+    # 3. its core attention backward: the MLP's saved tensors are gone; the
+    #    gradients of out, q, k, v and the scheme's backward buffers are live
+    attn_grads = (2 * h + 4 * kv * d) * s
+    _, comm_bwd = _comm_buffers(scheme, cp, T, m, s)
+    attn = base + redo - part["mlp"] + attn_grads
+    phases = {"loss": (loss, 0.0), "mlp_backward": (mlp, 0.0),
+              "attention_backward": (attn, comm_bwd / T)}
+    phase, (peak, comm) = max(phases.items(), key=lambda kv_: kv_[1][0] + kv_[1][1])
+    activations = int(T * base)
+    transient = int(T * (peak - base))
     return MemoryPlan(seq_len=n, world=cp, scheme=scheme, recompute=recompute, params=params,
                       grads=grads, optimizer=optim, activations=activations, transient=transient,
-                      comm=int(comm), runtime=RUNTIME_BYTES)
+                      comm=int(T * comm), phase=phase)
 
 
 def longest_context(cfg, budget_bytes: float, cp: int, scheme: str | None = None,
@@ -195,18 +229,18 @@ def plan_table(cfg, budget_gib: float, worlds: list[int], schemes: list[str],
                              "peak_mib": here.total / MIB, "static_mib": here.static / MIB,
                              "act_mib": here.activations / MIB,
                              "transient_mib": (here.transient + here.comm) / MIB,
-                             "longest": longest})
+                             "peak_at": here.phase, "longest": longest})
     return rows
 
 
 def format_table(rows: list[dict], budget_gib: float) -> str:
     head = (f"{'scheme':<10} {'cp':>3} {'recompute':<9} {'seq_len':>9} {'peak MiB':>9} {'static':>8} "
-            f"{'activ.':>8} {'transient':>9}  longest @ {budget_gib:g} GiB")
+            f"{'activ.':>8} {'transient':>9} {'peak at':<18}  longest @ {budget_gib:g} GiB")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['scheme']:<10} {r['cp']:>3} {r['recompute']:<9} {r['seq_len']:>9} "
                      f"{r['peak_mib']:>9.1f} {r['static_mib']:>8.1f} {r['act_mib']:>8.1f} "
-                     f"{r['transient_mib']:>9.1f}  {r['longest']:>10}")
+                     f"{r['transient_mib']:>9.1f} {r['peak_at']:<18}  {r['longest']:>10}")
     return "\n".join(lines)
 
 

@@ -219,9 +219,7 @@ class Trainer:
             tokens, labels, mask, pos = self._local(b)
             self.ctx.set_batch(b.cu_seqlens, pos, b.tokens.numel())
             with self._offload():
-                logits = model(tokens[None], pos[None], None)[0]  # [T_local, vocab]
-                per_tok = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-                loss = (per_tok * mask).sum() / denom
+                loss = self._loss(model, tokens, labels, mask, pos, denom)
             loss_sum += loss.detach()
             if self.engine is not None:
                 self.engine.backward(loss * scale)
@@ -243,6 +241,18 @@ class Trainer:
         log.extra.update(self._balance_stats(batches, compute_s))
         self.history.append(log)
         return log
+
+    @staticmethod
+    def _loss(model, tokens, labels, mask, pos, denom):
+        """The micro-batch's share of the step loss.
+
+        A function of its own so the logits ([T_local, vocab], the largest
+        activation of a small model) are freed once the loss exists instead of
+        living through the backward as a local variable.
+        """
+        logits = model(tokens[None], pos[None], None)[0]  # [T_local, vocab]
+        per_tok = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+        return (per_tok * mask).sum() / denom
 
     def _offload(self):
         """model.offload_activations: saved activations to pinned host memory on CUDA runs.
