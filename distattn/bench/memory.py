@@ -239,6 +239,34 @@ def run_longest(budget_mib: float, worlds: list[int], recomputes: list[str], sch
     return rows
 
 
+# (cp, scheme, seq_len, recompute): three context lengths without recomputation,
+# then each recompute mode and a context-parallel scheme
+ACCURACY_POINTS = [(1, "local", 4096, "none"), (1, "local", 8192, "none"), (1, "local", 16384, "none"),
+                   (1, "local", 16384, "full"), (2, "ring", 16384, "selective")]
+
+
+def compare_points(cfg, points=ACCURACY_POINTS) -> list[dict]:
+    """Planner vs measurement at each (cp, scheme, seq_len, recompute) point, each a fresh process."""
+    from distattn.plan.memory import predict_memory
+    rows = []
+    for cp, scheme, n, rc in points:
+        got = measure(cfg, n, cp, scheme, rc, timeout=300)["peak_growth"]
+        plan = predict_memory(cfg, n, cp=cp, scheme=scheme, recompute=rc)
+        want = plan.total - plan.params
+        rows.append({"cp": cp, "scheme": scheme, "seq_len": n, "recompute": rc, "phase": plan.phase,
+                     "measured_mib": got / MIB, "predicted_mib": want / MIB, "ratio": want / got})
+    return rows
+
+
+def format_compare(rows: list[dict]) -> str:
+    lines = ["| cp | scheme | seq_len | recompute | peak at (planner) | measured MiB | predicted MiB | "
+             "predicted / measured |", "|---:|---|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['cp']} | {r['scheme']} | {r['seq_len']} | {r['recompute']} | {r['phase']} | "
+                     f"{r['measured_mib']:.1f} | {r['predicted_mib']:.1f} | {r['ratio']:.3f} |")
+    return "\n".join(lines)
+
+
 def format_rows(rows: list[dict], budget_mib: float) -> str:
     base = {r["recompute"]: r["measured"] for r in rows if r["world"] == 1}
     head = (f"| W | scheme | recompute | longest measured | longest predicted | x W=1 | "
@@ -264,10 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scheme", default="ring")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", default=None)
+    p.add_argument("--compare", action="store_true",
+                   help="instead of the search: planner vs measured peak at fixed points "
+                        "(4K/8K/16K at W=1, full recompute, ring cp=2 selective)")
     a = p.parse_args(argv)
-    rows = run_longest(a.budget_mib, [int(x) for x in a.worlds.split(",")], a.recompute.split(","),
-                       a.scheme, a.overrides, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(format_rows(rows, a.budget_mib))
+    if a.compare:
+        from distattn.config import load_config
+        rows = compare_points(load_config(None, a.overrides))
+        print(format_compare(rows))
+    else:
+        rows = run_longest(a.budget_mib, [int(x) for x in a.worlds.split(",")], a.recompute.split(","),
+                           a.scheme, a.overrides, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(format_rows(rows, a.budget_mib))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(rows, indent=2))
