@@ -115,12 +115,16 @@ def measure_step(cfg_dict: dict, warm_up: bool = True, steps: int = 2) -> dict:
 
 def measure(cfg, seq_len: int, cp: int, scheme: str, recompute: str, timeout: float = 600.0,
             warm_up: bool = True) -> dict:
-    from distattn.config import load_config
+    """`measure_step` on cp fresh ranks for `cfg` (its whole model section) at one point."""
+    from distattn.config import Config
     from distattn.multiproc import run_on_ranks
-    over = [f"data.seq_len={seq_len}", f"parallel.world_size={cp}", f"parallel.cp={cp}",
-            f"attention.scheme={scheme if cp > 1 else 'local'}", f"model.recompute={recompute}",
-            "train.tensorboard=false"]
-    c = load_config(None, _overrides_of(cfg) + over)
+    d = cfg.model_dump()
+    d["data"]["seq_len"] = seq_len
+    d["parallel"].update(world_size=cp, dp=1, cp=cp, ulysses=1, ring=None, attention_servers=0)
+    d["attention"]["scheme"] = scheme if cp > 1 else "local"
+    d["model"]["recompute"] = recompute
+    d["train"]["tensorboard"] = False
+    c = Config.model_validate(d)
     with malloc_returns_freed_memory():
         return run_on_ranks(measure_step, cp, c.model_dump(), warm_up, timeout=timeout)[0]
 
@@ -147,12 +151,6 @@ def malloc_returns_freed_memory():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _overrides_of(cfg) -> list[str]:
-    m = cfg.model
-    return [f"model.{k}={getattr(m, k)}" for k in ("num_layers", "hidden_size", "num_attention_heads",
-                                                   "num_query_groups", "ffn_hidden_size", "vocab_size")]
 
 
 def longest_trainable(cfg, budget_bytes: float, cp: int, scheme: str, recompute: str,
