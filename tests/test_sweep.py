@@ -1,5 +1,6 @@
 """`distattn sweep`: a 2 x 2 grid runs and writes its CSV and plots; failures are recorded; the
-maximum-context search; sweep files validate."""
+maximum-context search, with and without the memory planner; points the planner rules out are
+skipped; sweep files validate."""
 from __future__ import annotations
 
 import csv
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distattn.sweep import (Point, SearchSpec, SweepSpec, _classify_failure, load_sweep,
-                            max_context_search, run_sweep)
+                            max_context_search, planner_skip, run_sweep)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,3 +91,68 @@ def test_example_sweep_loads_and_bad_keys_are_named(tmp_path):
         load_sweep(bad)
     from distattn.cli import main
     assert main(["sweep", str(bad)]) == 2  # named on stderr, nothing started
+
+
+def test_planner_skips_only_what_it_is_sure_about():
+    spec = SweepSpec(memory_budget_mib=10, plan_margin=0.15)
+    assert planner_skip(spec, int(11.5 * 2**20)) is None          # 85% of 11.5 MiB fits: measure it
+    why = planner_skip(spec, 20 * 2**20)                           # 85% of 20 MiB does not
+    assert why and "20.0 MiB > budget 10 MiB" in why and "plan_margin=0.15" in why
+    assert ">= 0.50" in why and "memory_budget_mib" in why         # what would let it run
+    assert planner_skip(SweepSpec(memory_budget_mib=10, use_planner=False), 20 * 2**20) is None
+    assert planner_skip(SweepSpec(memory_budget_mib=None), 20 * 2**20) is None
+    assert planner_skip(spec, None) is None                        # no model: always run
+    with pytest.raises(ValueError, match=r"plan_margin: 1.5 must be a number in \[0, 1\)"):
+        SweepSpec(memory_budget_mib=10, plan_margin=1.5).check()
+
+
+def test_tiny_budget_skips_points_without_running_them(tmp_path, monkeypatch):
+    import distattn.sweep as sweep
+    calls = []
+    monkeypatch.setattr(sweep, "run_point_on_ranks", lambda *a, **k: calls.append(a) or Point("x", 2, 0))
+    spec = SweepSpec(name="t", out_dir=str(tmp_path), schemes=["ring", "lasp2"], lengths=[4096, 8192],
+                     worlds=[2], memory_budget_mib=1, search=SearchSpec(start=1024, max=8192))
+    res = run_sweep(spec, progress=False)
+    assert calls == []                                             # nothing ran, no ranks were started
+    grid = [p for p in res["points"] if p.phase == "grid"]
+    assert len(grid) == 4 and all(p.status == "skipped" and p.fits is False for p in grid)
+    assert all(p.predicted_mem_bytes > 2**20 and "planner predicts" in p.error for p in grid)
+    # the search starts where the planner says nothing fits and stops without measuring
+    assert [(r["max_tokens"], r["planned_tokens"], r["limit"]) for r in res["max_context"]] == [
+        (0, 0, "planner: over budget")] * 2
+    rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert {r["status"] for r in rows} == {"skipped"} and all(int(r["predicted_mem_bytes"]) > 0 for r in rows)
+    md = (tmp_path / "sweep.md").read_text()
+    assert "pred MiB" in md and "planner's max N" in md
+
+
+def test_planner_seeded_search_finds_the_same_limit_in_fewer_runs():
+    spec = SweepSpec(memory_budget_mib=1, search=SearchSpec(start=1024, max=1 << 20, granularity=256))
+    known = [Point("s", 2, 1024, fits=True)]
+    plain = max_context_search(spec, "s", 2, known, _fake_runner(23000, plain_calls := []))
+    for seed in (21000, 23000, 25000):                             # the planner a little off either way
+        r = max_context_search(spec, "s", 2, known, _fake_runner(23000, calls := []), seed=seed)
+        assert r["max_tokens"] == plain["max_tokens"] == 22784 and r["planned_tokens"] == seed
+        assert calls[0] == seed // 256 * 256 and len(calls) < len(plain_calls)
+    # a seed below a measured fit steps up from the fit instead
+    r = max_context_search(spec, "s", 2, [Point("s", 2, 16384, fits=True)], _fake_runner(23000, calls := []),
+                           seed=8192)
+    assert r["max_tokens"] == 22784 and calls[0] == 18432
+    # nothing fits at all, and search.max caps a seed that would fit beyond it
+    assert max_context_search(spec, "s", 2, [], _fake_runner(100, []), seed=0)["max_tokens"] == 0
+    spec.search.max = 4096
+    r = max_context_search(spec, "s", 2, [], _fake_runner(10**9, []), seed=1 << 20)
+    assert r["max_tokens"] == 0 and "search.max" in r["limit"]
+
+
+def test_planner_seeded_sweep_search_matches_the_doubling_search(tmp_path):
+    found = {}
+    for use in (True, False):
+        spec = SweepSpec(name="t", out_dir=str(tmp_path / str(use)), schemes=["lasp2"], lengths=[1024],
+                         worlds=[2], iters=1, warmup=0, memory_budget_mib=12, use_planner=use,
+                         search=SearchSpec(start=1024, max=16384, granularity=256))
+        res = run_sweep(spec, progress=False)
+        found[use] = (res["max_context"][0]["max_tokens"], len(res["points"]))
+    (seeded, n_seeded), (plain, n_plain) = found[True], found[False]
+    assert abs(seeded - plain) <= 256 and 3000 < plain < 4600       # ~3 KiB per token for this shape
+    assert n_seeded <= n_plain
