@@ -43,7 +43,7 @@ import ray  # noqa: E402
 
 TRAINER, SERVER = "trainer", "server"
 FAULT_ENV = "DISTATTN_FAULT_INJECT"  # testing hook: "rank=R,step=S,marker=PATH"
-_CAD_MISSING = "CAD dedicated serving is not available in this build"
+_CAD_MISSING = "dedicated CAD attention servers are not wired into the trainer"
 
 
 class LaunchError(RuntimeError):
@@ -268,23 +268,17 @@ def _init_process_group(cfg) -> str:
 
 
 def _serve(cfg, resume: bool, quiet: bool) -> None:
-    """Server-role ranks: the CAD attention-server loop, where this build has one.
+    """Server-role ranks: refused, naming the setting.
 
-    Contract for `distattn.cad.server.serve(cfg, resume=..., quiet=...)`: it is called on
-    every rank whose DISTATTN_ROLE is `server` (the last parallel.attention_servers ranks),
-    after the default process group is up over all ranks, trainers included; it returns
-    when the trainers are done.
+    Dedicated CAD attention servers run at the API level
+    (`distattn.cad.server.serve`, `distattn bench cad`) but are not wired into
+    the trainer, whose ranks refuse the same config in `build_schemes`; the
+    server ranks say so too instead of waiting for trainers that never call.
     """
-    try:
-        from distattn.cad import server
-    except ModuleNotFoundError as e:
-        if e.name not in ("distattn.cad", "distattn.cad.server"):
-            raise
-        raise NotImplementedError(
-            f"{_CAD_MISSING}: rank {os.environ.get('RANK')} has the attention-server role "
-            f"(parallel.attention_servers={cfg.parallel.attention_servers}) but distattn.cad.server is "
-            f"missing; set parallel.attention_servers=0") from None
-    server.serve(cfg, resume=resume, quiet=quiet)
+    raise NotImplementedError(
+        f"{_CAD_MISSING}: rank {os.environ.get('RANK')} has the attention-server role "
+        f"(parallel.attention_servers={cfg.parallel.attention_servers}); train with "
+        f"parallel.attention_servers=0 (attention.scheme=cad then runs colocated on the cp ranks)")
 
 
 def _hooked_trainer(cfg, resume: bool, quiet: bool, state, fault: Fault | None):
