@@ -445,3 +445,53 @@ def test_hung_collective_fails_naming_the_op():
             pool.run(_one_rank_skips_all_reduce, timeout=30)
     finally:
         pool.close(force=True)
+
+
+class _TorchStyleBackend:
+    """A backend object shaped like DeepSpeed's (torch.distributed signatures, global ranks)."""
+
+    def all_reduce(self, tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+    def all_gather_into_tensor(self, output_tensor, input_tensor, group=None, async_op=False):
+        return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+
+    def reduce_scatter_tensor(self, output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=None,
+                              async_op=False):
+        return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+
+    def broadcast(self, tensor, src, group=None, async_op=False):
+        return dist.broadcast(tensor, src, group=group, async_op=async_op)
+
+
+def _foreign_calls():
+    from distattn.comm import ledgered_backend
+    w, me = dist.get_world_size(), dist.get_rank()
+    backend, ledger = _TorchStyleBackend(), CommLedger()
+    with ledgered_backend(backend, ledger, tag="zero"):
+        t = torch.full((6,), float(me + 1))
+        backend.all_reduce(t)
+        out = torch.empty(w * 4)
+        backend.all_gather_into_tensor(out, torch.full((4,), float(me)))
+        part = torch.empty(2)
+        backend.reduce_scatter_tensor(part, torch.ones(2 * w), group=None)
+        b = torch.full((5,), float(me))
+        backend.broadcast(b, 1)
+    assert "all_reduce" not in backend.__dict__  # the class's methods are back after the block
+    values = (t.tolist(), out.tolist(), part.tolist(), b.tolist())
+    return values, [(r.op, r.group_size, r.bytes_sent, r.bytes_recv, r.tag) for r in ledger.records]
+
+
+def test_foreign_backend_calls_are_ledgered(ranks):
+    """Byte counts of a foreign backend's collectives follow the module's table (W=3, fp32)."""
+    w = 3
+    res = ranks(w, _foreign_calls)
+    for me, (values, recs) in enumerate(res):
+        total = float(sum(range(1, w + 1)))
+        assert values == ([total] * 6, [float(r) for r in range(w) for _ in range(4)], [float(w)] * 2,
+                          [1.0] * 5)
+        bcast = (20, 0) if me == 1 else (0, 20)
+        assert recs == [("all_reduce", w, 2 * (w - 1) * 24 // w, 2 * (w - 1) * 24 // w, "zero"),
+                        ("all_gather", w, (w - 1) * 16, (w - 1) * 16, "zero"),
+                        ("reduce_scatter", w, (w - 1) * 8, (w - 1) * 8, "zero"),
+                        ("broadcast", w, *bcast, "zero")]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distattn.config import ConfigError, load_config
-from train_util import fit, one_step
+from train_util import fit, one_step, step_records
 
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.num_query_groups=2", "model.ffn_hidden_size=128", "data.seq_len=192",
@@ -86,6 +86,20 @@ def test_deepspeed_zero_matches_plain_adamw(ranks, tmp_path, stage):
     want = ranks(2, fit, plain.model_dump())[0]
     got = ranks(2, fit, zero.model_dump())[0]
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_deepspeed_traffic_is_in_the_ledger(ranks, tmp_path):
+    """ZeRO's gradient and parameter collectives are counted under tag "zero" (W=2, fp32 weights):
+    the flat fp32 gradients all-reduced (2(W-1)/W * 4P bytes) plus two scalars (overflow check, norm),
+    then the updated fp32 parameter partitions all-gathered ((W-1) * 4P/W, partitions padded)."""
+    recs, P = ranks(2, step_records, cfg_for(tmp_path, "train.zero_stage=2").model_dump())[0]
+    zero = [r for r in recs if r[2] == "zero"]
+    reduced = sum(b for op, b, _ in zero if op == "all_reduce")
+    gathered = sum(b for op, b, _ in zero if op == "all_gather")
+    assert 4 * P <= reduced <= 4 * P + 64, (reduced, 4 * P)
+    assert 2 * P <= gathered <= 2 * P + 4096, (gathered, 2 * P)
+    # the trainer's own gradient all-reduce is replaced, not doubled
+    assert not [r for r in recs if r[2] != "zero" and r[0] == "all_reduce" and r[1] >= P], recs
 
 
 def test_non_finite_loss_names_step_and_rank(ranks, tmp_path):

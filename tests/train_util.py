@@ -25,3 +25,16 @@ def fit(cfg_dict: dict, resume: bool = False, stop_at: int | None = None):
     hist = tr.fit(stop_at=stop_at)
     tr.mesh.destroy()
     return [h.loss for h in hist]
+
+
+def step_records(cfg_dict: dict):
+    """Rank 0: the ledger records of a second training step (op, bytes sent, tag) and the parameter count."""
+    from distattn.plan.memory import param_count
+    from distattn.train.trainer import Trainer
+    cfg = Config.model_validate(cfg_dict)
+    tr = Trainer(cfg, quiet=True)
+    tr.train_step()
+    tr.train_step()  # the ledger is reset at each step: this one is the steady state
+    recs = [(r.op, r.bytes_sent, r.tag) for r in tr.ledger.records]
+    tr.mesh.destroy()
+    return (recs, param_count(cfg.model)) if tr.rank == 0 else None

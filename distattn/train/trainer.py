@@ -195,6 +195,12 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_cfg)
 
+    def _zero_comm(self):
+        """DeepSpeed's gradient and parameter traffic, counted in the step's ledger as "zero"."""
+        from deepspeed.comm import comm as ds_comm
+        from distattn.comm import ledgered_backend
+        return ledgered_backend(ds_comm.cdb, self.ledger, tag="zero")
+
     # -- one step ------------------------------------------------------------------
     def _local(self, batch):
         lay = self.softmax_scheme.layout(batch.tokens.numel(), self.cfg.parallel.cp, batch.cu_seqlens)
@@ -222,7 +228,8 @@ class Trainer:
                 loss = self._loss(model, tokens, labels, mask, pos, denom)
             loss_sum += loss.detach()
             if self.engine is not None:
-                self.engine.backward(loss * scale)
+                with self._zero_comm():
+                    self.engine.backward(loss * scale)
             else:
                 loss.backward()
         compute_s = time.thread_time() - c0
@@ -292,7 +299,8 @@ class Trainer:
 
     def _sync_and_step(self) -> float:
         if self.engine is not None:
-            self.engine.step()
+            with self._zero_comm():
+                self.engine.step()
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
         grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
