@@ -417,6 +417,14 @@ class Config(_Section):
         if par.attention_servers > 0 and scheme != "cad":
             problems.append(f"parallel.attention_servers={par.attention_servers} needs attention.scheme "
                             f"cad, got {scheme!r}; set attention.scheme=cad or parallel.attention_servers=0")
+        if par.attention_servers > 0 and par.dp > 1:
+            problems.append(f"parallel.attention_servers={par.attention_servers} serves one cp group; "
+                            f"parallel.dp={par.dp} would need a server pool per dp group; set parallel.dp=1 "
+                            f"or parallel.attention_servers=0 (cad then runs colocated)")
+        if par.attention_servers > 0 and self.train.zero_stage > 0:
+            problems.append(f"parallel.attention_servers={par.attention_servers} with "
+                            f"train.zero_stage={self.train.zero_stage}: DeepSpeed would include the servers "
+                            f"in its groups; set train.zero_stage=0 or parallel.attention_servers=0")
         nodes = self.launch.nodes
         if nodes and par.world_size % nodes:
             fits = ", ".join(str(d) for d in _divisors(par.world_size))

@@ -150,10 +150,6 @@ def test_roles_env_and_placement_groups(cluster, tmp_path):
             assert env["MASTER_ADDR"] == address[got[0]["node_id"]] and int(env["MASTER_PORT"]) > 0
             assert env["DISTATTN_ROLE"] == ("server" if r == 2 else "trainer")
         assert len({g["pid"] for g in got}) == 3
-        # the server role says plainly that the trainer has no dedicated servers, naming the fix
-        with pytest.raises(ray.exceptions.RayTaskError,
-                           match="not wired into the trainer.*parallel.attention_servers=0"):
-            ray.get(group.actors[2].call.remote(rl._serve, cfg, False, True), timeout=30)
     finally:
         group.shutdown()
 

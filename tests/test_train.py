@@ -47,6 +47,38 @@ def test_cp2_step_equals_single_rank(ranks, tmp_path, scheme, extra):
     _compare(ranks, tmp_path, 2, scheme, extra)
 
 
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_dedicated_attention_servers_step_equals_single_rank(ranks, tmp_path, recompute):
+    """cp=2 trainers + 1 CAD attention server (world 3): the step equals one rank's; with full
+    recomputation the server also answers the repeated forwards."""
+    base = cfg_for(tmp_path / "ref", "parallel.world_size=1", "parallel.cp=1", "attention.scheme=local",
+                   f"model.recompute={recompute}")
+    par = cfg_for(tmp_path / "cad", "parallel.world_size=3", "parallel.cp=2", "parallel.attention_servers=1",
+                  "attention.scheme=cad", f"model.recompute={recompute}")
+    (l1, p1), = [r for r in ranks(1, one_step, base.model_dump()) if r is not None]
+    (l2, p2), = [r for r in ranks(3, one_step, par.model_dump(), 2)[:1]]
+    assert l1[0] == pytest.approx(l2[0], rel=1e-5)
+    (l1b, p1b), = [r for r in ranks(1, one_step, base.model_dump(), 2) if r is not None]
+    assert l1b[1] == pytest.approx(l2[1], rel=1e-5)
+    torch.testing.assert_close(p2, p1b, atol=1e-5, rtol=0)
+
+
+def test_dedicated_attention_servers_fit_checkpoint_and_resume(ranks, tmp_path):
+    """The launcher's rank entry: trainers fit and checkpoint over their own group while the
+    server answers; a resumed run continues from the checkpoint with the server back in place."""
+    from distattn.train.launch import _rank_main
+    extra = ("parallel.world_size=3", "parallel.cp=2", "parallel.attention_servers=1",
+             "attention.scheme=cad", "train.ckpt_every=2", "train.warmup_steps=1")
+    first = cfg_for(tmp_path, "train.steps=2", *extra)
+    logs = ranks(3, _rank_main, first.model_dump(), False, True)
+    assert logs[1] is None and logs[2] is None  # a trainer that is not rank 0, and the server
+    assert [h["step"] for h in logs[0]] == [1, 2]
+    assert (tmp_path / "checkpoints" / "step_00000002" / "meta.json").exists()
+    more = cfg_for(tmp_path, "train.steps=4", *extra)
+    rest = ranks(3, _rank_main, more.model_dump(), True, True)[0]
+    assert [h["step"] for h in rest] == [3, 4] and all(h["loss"] == h["loss"] for h in rest)
+
+
 def test_usp_cp4_step_equals_single_rank(ranks, tmp_path):
     _compare(ranks, tmp_path, 4, "usp", ("parallel.ulysses=2",))
 

@@ -9,11 +9,16 @@ from distattn.config import Config
 
 def one_step(cfg_dict: dict, steps: int = 1):
     """Train `steps` steps; rank 0 returns losses and the flattened parameters."""
+    from distattn.train.serve import is_server_rank, serve_attention
     from distattn.train.trainer import Trainer
     cfg = Config.model_validate(cfg_dict)
+    if is_server_rank(cfg, dist.get_rank()):  # dedicated CAD: this rank only serves attention
+        serve_attention(cfg)
+        return None
     tr = Trainer(cfg, quiet=True)
     losses = [tr.train_step().loss for _ in range(steps)]
     flat = torch.cat([p.detach().reshape(-1).float() for p in tr.model.parameters()])
+    tr.release_servers()
     tr.mesh.destroy()
     return (losses, flat) if dist.get_rank() == 0 else None
 

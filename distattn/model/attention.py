@@ -29,6 +29,7 @@ class AttentionContext:
     cu_seqlens: list[int] | None = None   # documents of the whole packed sequence
     positions: torch.Tensor | None = None  # position in its document of every local token
     n_tokens: int | None = None           # global sequence length
+    softmax_group: object = None          # the softmax scheme's group when not `group` (CAD servers)
     _rope: dict = field(default_factory=dict, repr=False)
 
     def set_batch(self, cu_seqlens, positions: torch.Tensor, n_tokens: int) -> None:
@@ -80,7 +81,8 @@ class DistAttnCore(MegatronModule):
         if hasattr(scheme, "for_layer"):  # per-layer choice, e.g. hetero's dense every k-th layer
             scheme = scheme.for_layer(self.layer_number - 1)  # megatron numbers layers from 1
         return distattn.attention(q.contiguous(), k.contiguous(), v, scheme=scheme,
-                                  group=ctx.group, cu_seqlens=ctx.cu_seqlens, causal=True,
+                                  group=ctx.group if ctx.softmax_group is None else ctx.softmax_group,
+                                  cu_seqlens=ctx.cu_seqlens, causal=True,
                                   softmax_scale=self.softmax_scale, ledger=ctx.ledger,
                                   n_tokens=ctx.n_tokens)
 

@@ -37,22 +37,23 @@ def save(tr) -> Path:
     path = _step_dir(root, tr.step)
     if tr.rank == 0:
         path.mkdir(parents=True, exist_ok=True)
-    Comm().barrier()
+    Comm(tr.mesh.trainer_group).barrier()
     if tr.engine is not None:
         tr.engine.save_checkpoint(str(path), tag="deepspeed")
     else:
         msd, osd = get_state_dict(tr.model, tr.optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"),
+                 process_group=tr.mesh.trainer_group)
     torch.save({"step": tr.step, "scheduler": tr.scheduler.state_dict(),
                 "data": tr.stream.state_dict(), "rng": torch.get_rng_state()},
                path / f"rank{tr.rank:05d}.pt")
-    Comm().barrier()
+    Comm(tr.mesh.trainer_group).barrier()
     if tr.rank == 0:
         meta = {"step": tr.step, "dp": tr.cfg.parallel.dp, "cp": tr.cfg.parallel.cp,
                 "world": tr.world, "zero_stage": tr.cfg.train.zero_stage}
         (path / "meta.json").write_text(json.dumps(meta))
         (root / "latest").write_text(path.name)
-    Comm().barrier()
+    Comm(tr.mesh.trainer_group).barrier()
     return path
 
 
@@ -78,7 +79,7 @@ def load(tr) -> None:
     else:
         msd, osd = get_state_dict(tr.model, tr.optimizer)
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        dcp.load(state, checkpoint_id=str(path / "dcp"), process_group=tr.mesh.trainer_group)
         set_state_dict(tr.model, tr.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
     # per-rank extras: this rank's own file when the world matches, else its dp group leader's

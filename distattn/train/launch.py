@@ -26,7 +26,11 @@ def _rank_main(cfg_dict: dict, resume: bool, quiet: bool):
     from distattn.config import Config
     from distattn.train.trainer import Trainer
     import torch.distributed as dist
+    from distattn.train.serve import is_server_rank, serve_attention
     cfg = Config.model_validate(cfg_dict)
+    if is_server_rank(cfg, dist.get_rank()):
+        serve_attention(cfg)
+        return None
     tr = Trainer(cfg, resume=resume, quiet=quiet)
     hist = tr.fit()
     tr.mesh.destroy()

@@ -43,7 +43,6 @@ import ray  # noqa: E402
 
 TRAINER, SERVER = "trainer", "server"
 FAULT_ENV = "DISTATTN_FAULT_INJECT"  # testing hook: "rank=R,step=S,marker=PATH"
-_CAD_MISSING = "dedicated CAD attention servers are not wired into the trainer"
 
 
 class LaunchError(RuntimeError):
@@ -268,17 +267,10 @@ def _init_process_group(cfg) -> str:
 
 
 def _serve(cfg, resume: bool, quiet: bool) -> None:
-    """Server-role ranks: refused, naming the setting.
-
-    Dedicated CAD attention servers run at the API level
-    (`distattn.cad.server.serve`, `distattn bench cad`) but are not wired into
-    the trainer, whose ranks refuse the same config in `build_schemes`; the
-    server ranks say so too instead of waiting for trainers that never call.
-    """
-    raise NotImplementedError(
-        f"{_CAD_MISSING}: rank {os.environ.get('RANK')} has the attention-server role "
-        f"(parallel.attention_servers={cfg.parallel.attention_servers}); train with "
-        f"parallel.attention_servers=0 (attention.scheme=cad then runs colocated on the cp ranks)")
+    """Server-role ranks (the last parallel.attention_servers): answer the trainers' attention
+    passes until they finish (`distattn.train.serve`); servers hold no state to resume."""
+    from distattn.train.serve import serve_attention
+    serve_attention(cfg)
 
 
 def _hooked_trainer(cfg, resume: bool, quiet: bool, state, fault: Fault | None):

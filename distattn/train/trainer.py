@@ -62,11 +62,10 @@ def build_schemes(cfg: Config, mesh: ParallelMesh):
         opts["head_stride"] = a.allgather_head_stride
     if name == "usp":
         opts["ulysses"] = cfg.parallel.ulysses
-    if name == "cad":  # colocated: the cp ranks serve attention; the planner's owner is the layout
-        if cfg.parallel.attention_servers:
-            raise ValueError("attention.scheme=cad trains colocated (every cp rank serves attention); "
-                             "dedicated attention servers are not wired into the trainer: set "
-                             "parallel.attention_servers=0")
+    if name == "cad":  # the planner's token owner is the layout; servers: the last world ranks
+        servers = cfg.parallel.attention_servers
+        if servers:  # dedicated: group ranks cp.. of the cp trainers + servers group (dp == 1)
+            opts["server_ranks"] = tuple(range(cfg.parallel.cp, cfg.parallel.cp + servers))
         opts.update(layout_name=a.layout, tolerance=a.cad_tolerance, min_shard=a.cad_min_shard,
                     linear_cost=a.cad_linear_cost, token_cost=a.cad_token_cost,
                     pingpong=a.cad_pingpong)
@@ -79,6 +78,14 @@ def build_schemes(cfg: Config, mesh: ParallelMesh):
     if "L" in cfg.model.layer_kinds():
         linear = _linear_scheme(cfg, softmax)
     return softmax, linear
+
+
+def attention_group(mesh: ParallelMesh):
+    """The softmax scheme's group: the cp group, or with dedicated attention servers (dp = 1) the
+    cp trainers followed by the servers, which is every rank."""
+    if not mesh.shape.attention_servers:
+        return mesh.cp_group
+    return dist.group.WORLD
 
 
 def _linear_scheme(cfg: Config, softmax):
@@ -139,10 +146,12 @@ class Trainer:
 
         self.softmax_scheme, self.linear_scheme = build_schemes(cfg, self.mesh)
         self.softmax_scheme.validate(heads=cfg.model.num_attention_heads,
-                                     kv_heads=cfg.model.num_query_groups, world=p.cp)
+                                     kv_heads=cfg.model.num_query_groups,
+                                     world=p.cp + p.attention_servers)  # its group's size
         self.ctx = AttentionContext(group=self.mesh.cp_group, softmax_scheme=self.softmax_scheme,
                                     linear_scheme=self.linear_scheme, ledger=self.ledger,
-                                    rope_base=cfg.model.rope_base)
+                                    rope_base=cfg.model.rope_base,
+                                    softmax_group=attention_group(self.mesh))
         self.model = build_gpt(cfg.model, self.ctx, cfg.data.seq_len, seed=cfg.run.seed)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         decay = [q for q in self.params if q.dim() >= 2]
@@ -162,6 +171,7 @@ class Trainer:
         else:
             self.stream = build_stream(cfg.data, self.dp_rank, p.dp, cfg.run.seed)
         self.step = 0
+        self._released = False
         self.history: list[StepLog] = []
         self.writer = None
         if resume:
@@ -349,6 +359,14 @@ class Trainer:
                     self.save_checkpoint()
             if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every:
                 self.save_checkpoint()
+            self.release_servers()
         finally:
             logger.close()
         return self.history
+
+    def release_servers(self) -> None:
+        """End the attention servers' loop (dedicated CAD); every trainer rank calls it once."""
+        if self.mesh.shape.attention_servers and not self._released:
+            from distattn.cad.server import stop_servers
+            stop_servers(self.softmax_scheme, dist.group.WORLD, ledger=CommLedger())
+            self._released = True
