@@ -37,7 +37,10 @@ peak        the largest of three moments of the backward, each counted as the
 
 Measured against the peak resident-set growth of two training steps after a
 warm-up step (distattn/bench/memory.py): within a few percent for the tiny
-model at 4K-16K tokens in all three recompute modes (docs/benchmarks.md).
+model at 4K-16K tokens in all three recompute modes, fp32 (docs/benchmarks.md).
+bf16 is planned at 2 bytes per element but not validated: on CPU its steps
+measured 1.25-2x the plan, because the CPU RMSNorm saves fp32 copies of its
+input and output and the CPU attention kernels keep fp32 workspaces.
 
 The longest context is the largest seq_len (a multiple of 2*cp, as zigzag
 needs) whose predicted peak fits the budget, found by bisection.
@@ -288,6 +291,10 @@ def cmd_plan_memory(args) -> int:
     rcs = args.recompute.split(",") if args.recompute else [cfg.model.recompute]
     rows = plan_table(cfg, args.budget_gib, worlds, schemes, rcs)
     print(format_table(rows, args.budget_gib))
+    if cfg.model.dtype != "fp32":
+        print(f"note: model.dtype={cfg.model.dtype} is planned at its element size, but only fp32 has been "
+              f"checked against measurement; on CPU, bf16 steps measured 1.25-2x the plan (the CPU "
+              f"RMSNorm and attention kernels keep fp32 copies)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
