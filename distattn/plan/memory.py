@@ -176,9 +176,10 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
     #    gradients of the log-softmax and of the logits
     loss = base + 4 * V + h * s + 2 * 4 * V
     # 2. the last layer's MLP backward: its activations (rebuilt, with
-    #    recomputation) and three h-wide gradients (residual stream, MLP
-    #    output, norm input); its saved tensors are freed as it proceeds
-    mlp = base + redo + 3 * h * s
+    #    recomputation, together with the rebuilt forward's h-wide output) and
+    #    three h-wide gradients (residual stream, MLP output, norm input); its
+    #    saved tensors are freed as it proceeds
+    mlp = base + redo + (h * s if redo else 0) + 3 * h * s
     # 3. its core attention backward: the MLP's saved tensors are gone; the
     #    gradients of out, q, k, v and the scheme's backward buffers are live
     attn_grads = (2 * h + 4 * kv * d) * s
