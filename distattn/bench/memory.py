@@ -120,7 +120,8 @@ def measure(cfg, seq_len: int, cp: int, scheme: str, recompute: str, timeout: fl
     from distattn.multiproc import run_on_ranks
     d = cfg.model_dump()
     d["data"]["seq_len"] = seq_len
-    d["parallel"].update(world_size=cp, dp=1, cp=cp, ulysses=1, ring=None, attention_servers=0)
+    ulysses = cfg.parallel.ulysses if scheme == "usp" else 1  # usp keeps the config's degree
+    d["parallel"].update(world_size=cp, dp=1, cp=cp, ulysses=ulysses, ring=None, attention_servers=0)
     d["attention"]["scheme"] = scheme if cp > 1 else "local"
     d["model"]["recompute"] = recompute
     d["train"]["tensorboard"] = False
