@@ -59,6 +59,17 @@ def test_bench_smoke(ranks):
     assert "ring" in format_table(rows, single, spec)
 
 
+def test_bench_deepspeed_ulysses_peer_is_ledgered(ranks):
+    """The DeepSpeed-Ulysses peer's all-to-alls, counted through its backend, equal its formula,
+    and its transfers are timed with compute removed like ours."""
+    from distattn.bench.attention import ds_ulysses_bytes
+    spec = BenchSpec(seq_len=256, heads=4, kv_heads=4, head_dim=16, schemes=["deepspeed-ulysses"],
+                     iters=1, warmup=0, world_size=2)
+    rows, _ = run_attention_bench(spec, pool=ranks.pool(2))
+    assert rows[0].bytes_per_rank == ds_ulysses_bytes(spec, 2) > 0
+    assert rows[0].comm_alone_s == rows[0].comm_alone_s and rows[0].comm_alone_s > 0
+
+
 def test_cli_config_prints_resolved_yaml(capsys):
     assert cli_main(["config", "--set", "bench.seq_len=8192"]) == 0
     assert "seq_len: 8192" in capsys.readouterr().out

@@ -12,7 +12,9 @@ process computing the whole sequence: single_time / (W * critical_compute).
 
 Peers run in the same job on the same inputs: DeepSpeed-Ulysses
 (`deepspeed.sequence.layer.DistributedAttention` around our local kernel; its
-bytes come from its formula since its traffic bypasses our ledger) and a plain,
+all-to-alls go through DeepSpeed's backend, which `comm.ledgered_backend`
+counts in the same ledger, so its bytes, exposed time and overlap are measured
+like ours) and a plain,
 non-balanced ring (`ring` with the contiguous layout).
 """
 from __future__ import annotations
@@ -129,13 +131,17 @@ def _rank_bench(spec: BenchSpec, name: str) -> dict:
 
     if name == "deepspeed-ulysses":
         attn = _ds_ulysses_step(spec, group)
+        from deepspeed.comm import comm as ds_comm
+
+        from distattn.comm import ledgered_backend
         from distattn.layout import Contiguous
         lay = Contiguous(spec.seq_len, world, cu)
         ql, kl, vl, dl = (lay.shard(x, rank).unsqueeze(1) for x in (q, k, v, do))
 
-        def step():
+        def step():  # its all-to-alls go through DeepSpeed's backend: counted in our ledger
             a, b, c = (x.detach().requires_grad_(True) for x in (ql, kl, vl))
-            attn(a, b, c, 1).backward(dl)
+            with ledgered_backend(ds_comm.cdb, ledger, tag=""):
+                attn(a, b, c, 1).backward(dl)
     else:
         scheme = _scheme_for(name)
         scheme.validate(heads=spec.heads, kv_heads=spec.kv_heads, world=world)
@@ -154,27 +160,23 @@ def _rank_bench(spec: BenchSpec, name: str) -> dict:
     computes, walls = timed_steps(step, spec.iters, group)
     tot = ledger.totals()
     # the same communication with compute removed: how long the transfers take alone
-    alone = float("nan")
-    if name != "deepspeed-ulysses":
+    ledger.reset()
+    with override_backend(NullKernel()):
+        step()
         ledger.reset()
-        with override_backend(NullKernel()):
+        Comm(group).barrier()
+        for _ in range(spec.iters):
             step()
-            ledger.reset()
-            Comm(group).barrier()
-            for _ in range(spec.iters):
-                step()
-        alone = ledger.totals().exposed_s / spec.iters
+    alone = ledger.totals().exposed_s / spec.iters
     return asdict(RankResult(
         compute_s=statistics.median(computes), wall_s=statistics.median(walls),
-        bytes_sent=tot.bytes_sent // spec.iters if tot.calls else _peer_bytes(spec, name, world),
-        exposed_s=tot.exposed_s / spec.iters if tot.calls else float("nan"),
+        bytes_sent=tot.bytes_sent // spec.iters, exposed_s=tot.exposed_s / spec.iters,
         comm_alone_s=alone))
 
 
-def _peer_bytes(spec: BenchSpec, name: str, world: int) -> int:
-    """DeepSpeed-Ulysses traffic by its formula: 4 all-to-alls each way."""
-    if name != "deepspeed-ulysses":
-        return 0
+def ds_ulysses_bytes(spec: BenchSpec, world: int) -> int:
+    """DeepSpeed-Ulysses traffic per rank by its formula: q, k, v in and out back each way
+    (equal all-to-all splits), for checking the ledger."""
     el = DTYPES[spec.dtype].itemsize
     t = spec.seq_len // world
     per = (world - 1) * t * spec.head_dim * (2 * spec.heads + 2 * spec.kv_heads) * el // world
