@@ -417,10 +417,10 @@ class Config(_Section):
         if par.attention_servers > 0 and scheme != "cad":
             problems.append(f"parallel.attention_servers={par.attention_servers} needs attention.scheme "
                             f"cad, got {scheme!r}; set attention.scheme=cad or parallel.attention_servers=0")
-        if par.attention_servers > 0 and par.dp > 1:
-            problems.append(f"parallel.attention_servers={par.attention_servers} serves one cp group; "
-                            f"parallel.dp={par.dp} would need a server pool per dp group; set parallel.dp=1 "
-                            f"or parallel.attention_servers=0 (cad then runs colocated)")
+        if par.attention_servers > 0 and par.attention_servers % par.dp:
+            problems.append(f"parallel.attention_servers={par.attention_servers} is split in equal blocks "
+                            f"over the dp groups, but parallel.dp={par.dp} does not divide it; set "
+                            f"parallel.attention_servers to a multiple of {par.dp}")
         if par.attention_servers > 0 and self.train.zero_stage > 0:
             problems.append(f"parallel.attention_servers={par.attention_servers} with "
                             f"train.zero_stage={self.train.zero_stage}: DeepSpeed would include the servers "

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
 
     from distattn.config import ParallelConfig
 
-GroupKind = Literal["dp", "cp", "ulysses", "ring", "servers", "trainers"]
+GroupKind = Literal["dp", "cp", "ulysses", "ring", "servers", "trainers", "attention"]
 # Creation order; every rank must create every group in this same order.
-GROUP_KINDS: tuple[GroupKind, ...] = ("dp", "cp", "ulysses", "ring", "trainers", "servers")
+GROUP_KINDS: tuple[GroupKind, ...] = ("dp", "cp", "ulysses", "ring", "trainers", "servers", "attention")
 
 
 class MeshError(ValueError):
@@ -118,6 +118,8 @@ class MeshShape:
             return list(range(self.trainers, self.world_size))
         if kind == "trainers":
             return list(range(self.trainers))
+        if kind == "attention":
+            return self._attention_ranks(rank)
         c = self.coords(rank)
         if c.is_server:
             raise MeshError(f"mesh: rank {rank} is an attention server; it has no {kind} group")
@@ -131,6 +133,17 @@ class MeshShape:
         if kind == "ring":
             return [self.rank_of(c.dp, r, c.ulysses) for r in range(self.ring)]
         raise MeshError(f"mesh: unknown group kind {kind!r}; choose one of {', '.join(GROUP_KINDS)}")
+
+    def _attention_ranks(self, rank: int) -> list[int]:
+        """Dedicated CAD: the cp trainers of one dp group, then that dp group's block of servers."""
+        self._check_rank(rank)
+        if not self.attention_servers or self.attention_servers % self.dp:
+            raise MeshError(f"mesh: attention groups need attention_servers divisible by dp, got "
+                            f"{self.attention_servers} servers for dp={self.dp}")
+        per = self.attention_servers // self.dp
+        d = (rank - self.trainers) // per if rank >= self.trainers else rank // self.cp
+        return list(range(d * self.cp, (d + 1) * self.cp)) + \
+            list(range(self.trainers + d * per, self.trainers + (d + 1) * per))
 
     def all_groups(self, kind: GroupKind) -> list[list[int]]:
         """Every group of `kind`, in the fixed order all ranks use to create them."""
@@ -148,6 +161,10 @@ class MeshShape:
             return [self.group_ranks("servers", 0)] if self.attention_servers else []
         if kind == "trainers":
             return [self.group_ranks("trainers", 0)]
+        if kind == "attention":
+            if not self.attention_servers or self.attention_servers % self.dp:
+                return []
+            return [self._attention_ranks(d * self.cp) for d in range(self.dp)]
         raise MeshError(f"mesh: unknown group kind {kind!r}; choose one of {', '.join(GROUP_KINDS)}")
 
 
@@ -203,6 +220,7 @@ class ParallelMesh:
     ring_group: "ProcessGroup | None" = None
     trainer_group: "ProcessGroup | None" = None
     server_group: "ProcessGroup | None" = None
+    attention_group: "ProcessGroup | None" = None  # dedicated CAD: cp trainers + their servers
     _owned: list = field(default_factory=list, repr=False)
 
     @classmethod
@@ -234,7 +252,7 @@ class ParallelMesh:
                    dp_group=mine.get("dp"), cp_group=mine.get("cp"),
                    ulysses_group=mine.get("ulysses"), ring_group=mine.get("ring"),
                    trainer_group=mine.get("trainers"), server_group=mine.get("servers"),
-                   _owned=maker.owned)
+                   attention_group=mine.get("attention"), _owned=maker.owned)
 
     @classmethod
     def from_config(cls, parallel_cfg: "ParallelConfig", rank: int | None = None) -> "ParallelMesh":
@@ -258,7 +276,8 @@ class ParallelMesh:
 
     def group(self, kind: GroupKind) -> "ProcessGroup | None":
         attr = {"dp": "dp_group", "cp": "cp_group", "ulysses": "ulysses_group", "ring": "ring_group",
-                "trainers": "trainer_group", "servers": "server_group"}.get(kind)
+                "trainers": "trainer_group", "servers": "server_group",
+                "attention": "attention_group"}.get(kind)
         if attr is None:
             raise MeshError(f"mesh: unknown group kind {kind!r}; choose one of {', '.join(GROUP_KINDS)}")
         return getattr(self, attr)

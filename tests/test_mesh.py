@@ -176,3 +176,13 @@ def _wrong_world():
 def test_mesh_refuses_wrong_world(ranks):
     messages = ranks(4, _wrong_world)
     assert all("= 2*2*2 + 0 = 8 but the world has 4 ranks" in m for m in messages)
+
+
+def test_attention_groups_pair_each_dp_group_with_its_servers():
+    shape = MeshShape.from_cp(dp=2, cp=2, attention_servers=4)  # ranks 0-3 train, 4-7 serve
+    assert shape.all_groups("attention") == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert shape.group_ranks("attention", 7) == [2, 3, 6, 7]   # a server finds its dp group
+    assert shape.group_ranks("attention", 1) == [0, 1, 4, 5]
+    assert MeshShape.from_cp(dp=2, cp=2).all_groups("attention") == []
+    with pytest.raises(MeshError, match="attention_servers divisible by dp, got 3 servers for dp=2"):
+        MeshShape.from_cp(dp=2, cp=2, attention_servers=3).group_ranks("attention", 0)

@@ -63,6 +63,18 @@ def test_dedicated_attention_servers_step_equals_single_rank(ranks, tmp_path, re
     torch.testing.assert_close(p2, p1b, atol=1e-5, rtol=0)
 
 
+def test_dedicated_servers_per_dp_group_equal_colocated(ranks, tmp_path):
+    """dp=2 x cp=2 trainers with 2 servers (one per dp group, world 6) take the same step as the
+    colocated cad run on the 4 trainers alone."""
+    common = ("parallel.dp=2", "parallel.cp=2", "attention.scheme=cad")
+    colo = cfg_for(tmp_path / "colo", "parallel.world_size=4", *common)
+    ded = cfg_for(tmp_path / "ded", "parallel.world_size=6", "parallel.attention_servers=2", *common)
+    (l1, p1), = [r for r in ranks(4, one_step, colo.model_dump()) if r is not None]
+    (l2, p2), = [r for r in ranks(6, one_step, ded.model_dump()) if r is not None]
+    assert l1[0] == pytest.approx(l2[0], rel=1e-5)
+    torch.testing.assert_close(p2, p1, atol=1e-5, rtol=0)
+
+
 def test_dedicated_attention_servers_fit_checkpoint_and_resume(ranks, tmp_path):
     """The launcher's rank entry: trainers fit and checkpoint over their own group while the
     server answers; a resumed run continues from the checkpoint with the server back in place."""

@@ -1,14 +1,13 @@
 """The attention-server role of a training job (dedicated CAD, `parallel.attention_servers > 0`).
 
-The last `attention_servers` ranks own no tokens and no parameters: they join
-the process groups every rank builds, then answer the trainers' core-attention
+The last `attention_servers` ranks own no tokens and no parameters, split in
+equal blocks over the dp groups: they join the process groups every rank
+builds, then answer their dp group's cp trainers' core-attention
 passes (each forward, each backward, and the repeated forwards of recomputed
 layers) until the trainers release them at the end of training. Servers keep
 no state between passes, so there is nothing of theirs to checkpoint.
 """
 from __future__ import annotations
-
-import torch.distributed as dist
 
 from distattn.comm import CommLedger
 from distattn.config import Config
@@ -29,6 +28,6 @@ def serve_attention(cfg: Config, ledger: CommLedger | None = None) -> int:
                                                 attention_servers=p.attention_servers))
     try:
         scheme, _ = build_schemes(cfg, mesh)
-        return serve(scheme, dist.group.WORLD, passes=None, ledger=ledger or CommLedger())
+        return serve(scheme, mesh.attention_group, passes=None, ledger=ledger or CommLedger())
     finally:
         mesh.destroy()

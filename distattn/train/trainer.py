@@ -64,8 +64,9 @@ def build_schemes(cfg: Config, mesh: ParallelMesh):
         opts["ulysses"] = cfg.parallel.ulysses
     if name == "cad":  # the planner's token owner is the layout; servers: the last world ranks
         servers = cfg.parallel.attention_servers
-        if servers:  # dedicated: group ranks cp.. of the cp trainers + servers group (dp == 1)
-            opts["server_ranks"] = tuple(range(cfg.parallel.cp, cfg.parallel.cp + servers))
+        if servers:  # dedicated: group ranks cp.. of the cp trainers + their servers group
+            per = servers // cfg.parallel.dp
+            opts["server_ranks"] = tuple(range(cfg.parallel.cp, cfg.parallel.cp + per))
         opts.update(layout_name=a.layout, tolerance=a.cad_tolerance, min_shard=a.cad_min_shard,
                     linear_cost=a.cad_linear_cost, token_cost=a.cad_token_cost,
                     pingpong=a.cad_pingpong)
@@ -81,11 +82,9 @@ def build_schemes(cfg: Config, mesh: ParallelMesh):
 
 
 def attention_group(mesh: ParallelMesh):
-    """The softmax scheme's group: the cp group, or with dedicated attention servers (dp = 1) the
-    cp trainers followed by the servers, which is every rank."""
-    if not mesh.shape.attention_servers:
-        return mesh.cp_group
-    return dist.group.WORLD
+    """The softmax scheme's group: the cp group, or with dedicated attention servers the cp
+    trainers followed by their dp group's servers."""
+    return mesh.attention_group if mesh.shape.attention_servers else mesh.cp_group
 
 
 def _linear_scheme(cfg: Config, softmax):
@@ -147,7 +146,7 @@ class Trainer:
         self.softmax_scheme, self.linear_scheme = build_schemes(cfg, self.mesh)
         self.softmax_scheme.validate(heads=cfg.model.num_attention_heads,
                                      kv_heads=cfg.model.num_query_groups,
-                                     world=p.cp + p.attention_servers)  # its group's size
+                                     world=p.cp + p.attention_servers // p.dp)  # its group's size
         self.ctx = AttentionContext(group=self.mesh.cp_group, softmax_scheme=self.softmax_scheme,
                                     linear_scheme=self.linear_scheme, ledger=self.ledger,
                                     rope_base=cfg.model.rope_base,
@@ -368,5 +367,5 @@ class Trainer:
         """End the attention servers' loop (dedicated CAD); every trainer rank calls it once."""
         if self.mesh.shape.attention_servers and not self._released:
             from distattn.cad.server import stop_servers
-            stop_servers(self.softmax_scheme, dist.group.WORLD, ledger=CommLedger())
+            stop_servers(self.softmax_scheme, self.mesh.attention_group, ledger=CommLedger())
             self._released = True
