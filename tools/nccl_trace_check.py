@@ -33,7 +33,7 @@ def main() -> int:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from distattn.comm import Comm, CommLedger
+    from distattn.comm import Comm, CommLedger, ledgered_backend
     from distattn.profile.trace import STEP_PREFIX, analyze, load_trace
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -61,12 +61,14 @@ def main() -> int:
                     x @ x
                 h.wait()
                 comm.all_reduce(buf)  # nothing to hide behind: exposed
-                if dist.get_world_size() == 1:  # Comm runs a 1-rank group locally: call NCCL directly
-                    w = dist.all_reduce(buf, async_op=True)
-                    for _ in range(2):
-                        x @ x
-                    w.wait()
-                    dist.all_reduce(buf)
+                if dist.get_world_size() == 1:  # Comm runs a 1-rank group locally: call NCCL directly,
+                    nccl = dist                  # still counted, through the ledger's foreign-backend hook
+                    with ledgered_backend(nccl, comm.ledger, tag="direct"):
+                        w = nccl.all_reduce(buf, async_op=True)
+                        for _ in range(2):
+                            x @ x
+                        w.wait()
+                        nccl.all_reduce(buf)
                 torch.cuda.synchronize()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
