@@ -90,9 +90,11 @@ def _warm_up(cfg) -> None:
 
 
 def measure_step(cfg_dict: dict, warm_up: bool = True, steps: int = 2) -> dict:
-    """Peak RSS growth (bytes) of one training step on this rank, and its comm bytes."""
-    import torch.distributed as dist
+    """Peak RSS growth (bytes) over `steps` training steps on this rank (max over ranks), and the
+    last step's comm bytes."""
+    import torch
 
+    from distattn.comm import Comm, CommLedger
     from distattn.config import Config
     from distattn.train.trainer import Trainer
     cfg = Config.model_validate(cfg_dict)
@@ -104,9 +106,6 @@ def measure_step(cfg_dict: dict, warm_up: bool = True, steps: int = 2) -> dict:
         log = tr.train_step()
     grown = _peak() - before
     tr.mesh.destroy()
-    import torch
-
-    from distattn.comm import Comm, CommLedger
     peak = torch.tensor([float(grown)], dtype=torch.float64)
     Comm(None, CommLedger()).all_reduce(peak, op="max")
     return {"peak_growth": int(peak.item()), "comm_bytes": log.comm_bytes, "loss": log.loss,
