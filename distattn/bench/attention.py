@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from distattn.bench.timing import timed_steps
+from distattn.bench.timing import random_qkvdo, timed_steps
 from distattn.comm import Comm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -88,14 +88,7 @@ def _scheme_for(name: str):
 
 
 def _inputs(spec: BenchSpec, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    dt = DTYPES[spec.dtype]
-    n = spec.seq_len
-    q = torch.randn(n, spec.heads, spec.head_dim, generator=g).to(dt)
-    k = torch.randn(n, spec.kv_heads, spec.head_dim, generator=g).to(dt)
-    v = torch.randn(n, spec.kv_heads, spec.head_dim, generator=g).to(dt)
-    do = torch.randn(n, spec.heads, spec.head_dim, generator=g).to(dt)
-    return q, k, v, do
+    return random_qkvdo(spec.seq_len, spec.heads, spec.kv_heads, spec.head_dim, DTYPES[spec.dtype], seed)
 
 
 def _ds_ulysses_step(spec: BenchSpec, group):

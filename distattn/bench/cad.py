@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from distattn.bench.timing import timed_steps
+from distattn.bench.timing import random_qkvdo, timed_steps
 from distattn.comm import Comm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -261,13 +261,7 @@ class RankStat:
 
 
 def _inputs(spec: CadBenchSpec, n: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    dt = DTYPES[spec.dtype]
-    q = torch.randn(n, spec.heads, spec.head_dim, generator=g).to(dt)
-    k = torch.randn(n, spec.kv_heads, spec.head_dim, generator=g).to(dt)
-    v = torch.randn(n, spec.kv_heads, spec.head_dim, generator=g).to(dt)
-    do = torch.randn(n, spec.heads, spec.head_dim, generator=g).to(dt)
-    return q, k, v, do
+    return random_qkvdo(n, spec.heads, spec.kv_heads, spec.head_dim, DTYPES[spec.dtype], seed)
 
 
 def _rank_bench(spec: CadBenchSpec, mode: str, doc_lens: list[int], token_cost: float = 0.0) -> dict:

@@ -19,7 +19,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 
 import torch
-from distattn.bench.timing import timed_steps
+from distattn.bench.timing import random_qkvdo, timed_steps
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LINEAR_SCHEMES = ("lasp2", "lasp1")
@@ -74,13 +74,7 @@ class LinearRow:
 
 
 def _inputs(spec: LinearBenchSpec, n: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    dt = DTYPES[spec.dtype]
-    q = torch.randn(n, spec.heads, spec.head_dim, generator=g).to(dt)
-    k = torch.randn(n, spec.kv_heads, spec.head_dim, generator=g).to(dt)
-    v = torch.randn(n, spec.kv_heads, spec.head_dim, generator=g).to(dt)
-    do = torch.randn(n, spec.heads, spec.head_dim, generator=g).to(dt)
-    return q, k, v, do
+    return random_qkvdo(n, spec.heads, spec.kv_heads, spec.head_dim, DTYPES[spec.dtype], seed)
 
 
 def _scheme(name: str, spec: LinearBenchSpec):

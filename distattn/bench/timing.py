@@ -1,8 +1,11 @@
-"""The timing loop every benchmark shares: per-rank main-thread CPU time and wall time."""
+"""What every benchmark shares: the timing loop (per-rank main-thread CPU time and wall time)
+and the random q, k, v, dout it feeds the schemes."""
 from __future__ import annotations
 
 import time
 from typing import Callable
+
+import torch
 
 from distattn.comm import Comm
 
@@ -21,3 +24,13 @@ def timed_steps(step: Callable[[], object], iters: int, group) -> tuple[list[flo
         cpus.append(time.thread_time() - c0)
         walls.append(time.perf_counter() - w0)
     return cpus, walls
+
+
+def random_qkvdo(n: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 0):
+    """Full-length q [n, H, D], k, v [n, Hkv, D] and dout [n, H, D], drawn in fp32 then cast."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(n, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(n, kv_heads, head_dim, generator=g).to(dtype)
+    do = torch.randn(n, heads, head_dim, generator=g).to(dtype)
+    return q, k, v, do

@@ -32,6 +32,17 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     q [T, H, D]; k, v [T, Hkv, D] with H % Hkv == 0 (GQA). Output is fp32.
     Rows with no visible key (impossible with a causal mask) give 0.
     """
+    mask = document_mask(q.shape[0], cu_seqlens, causal, device=q.device)
+    out, lse = masked_attention(q, k, v, mask, softmax_scale)
+    return (out, lse.t()) if return_lse else out
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense fp32 softmax attention under a boolean mask ([T, T], or [H, T, T] per head).
+
+    Returns out [T, H, D] and lse [H, T]; rows with no visible key give 0 (lse -inf).
+    """
     t, h, d = q.shape
     hkv = k.shape[1]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
@@ -40,9 +51,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
         kf = kf.repeat_interleave(h // hkv, dim=1)
         vf = vf.repeat_interleave(h // hkv, dim=1)
     s = torch.einsum("thd,shd->hts", qf, kf) * scale
-    mask = document_mask(t, cu_seqlens, causal, device=q.device)
-    s = s.masked_fill(~mask, float("-inf"))
+    s = s.masked_fill(~mask.to(s.device), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [H, T]
     p = torch.exp(s - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)[..., None])
-    out = torch.einsum("hts,shd->thd", p, vf)
-    return (out, lse.t()) if return_lse else out
+    return torch.einsum("hts,shd->thd", p, vf), lse

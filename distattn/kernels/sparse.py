@@ -38,7 +38,6 @@ Pure functions of the pattern and shapes; no communication.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -212,18 +211,8 @@ def masked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     The same math as `reference.reference_attention`, with the mask given per
     head. Rows with no visible key give 0.
     """
-    t, h, d = q.shape
-    hkv = k.shape[1]
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
-    qf, kf, vf = (x.to(torch.float32) for x in (q, k, v))
-    if hkv != h:
-        kf = kf.repeat_interleave(h // hkv, dim=1)
-        vf = vf.repeat_interleave(h // hkv, dim=1)
-    s = torch.einsum("thd,shd->hts", qf, kf) * scale
-    s = s.masked_fill(~mask.to(s.device), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)[..., None])
-    return torch.einsum("hts,shd->thd", p, vf)
+    from distattn.kernels.reference import masked_attention
+    return masked_attention(q, k, v, mask, softmax_scale)[0]
 
 
 __all__ = ["GQA_PATTERNS", "HeteroPattern", "layer_is_dense", "masked_reference"]
