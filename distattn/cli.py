@@ -131,6 +131,7 @@ def cmd_bench_linear(args) -> int:
 
 def cmd_bench_hetero(args) -> int:
     from distattn.bench.hetero import HeteroBenchSpec, format_table, rows_as_dicts, run_hetero_bench
+    from distattn.train.trainer import hetero_options
 
     cfg = _load(args)
     b, a = cfg.bench, cfg.attention
@@ -138,10 +139,7 @@ def cmd_bench_hetero(args) -> int:
         lengths=args.lengths, heads=b.heads, kv_heads=b.kv_heads, head_dim=b.head_dim, dtype=b.dtype,
         world_size=b.world_size, iters=b.iters, warmup=b.warmup,
         layout=a.layout if a.layout != "weighted" else "zigzag",
-        hetero=dict(block=a.hetero_block, local_blocks=a.hetero_local_blocks, stride=a.hetero_stride,
-                    head_step=a.hetero_head_step, offset=a.hetero_offset,
-                    dense_heads=a.hetero_dense_heads, gqa_pattern=a.hetero_gqa,
-                    allow_partial_coverage=a.hetero_allow_partial_coverage))
+        hetero=hetero_options(a))
     try:
         spec.scheme("hetero").validate(heads=b.heads, kv_heads=b.kv_heads, world=b.world_size)
     except ValueError as e:

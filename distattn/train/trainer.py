@@ -38,6 +38,13 @@ def lr_lambda(train_cfg):
     return f
 
 
+def hetero_options(a) -> dict:
+    """The hetero scheme's pattern options from the `attention` config section."""
+    return dict(block=a.hetero_block, local_blocks=a.hetero_local_blocks, stride=a.hetero_stride,
+                head_step=a.hetero_head_step, offset=a.hetero_offset, dense_heads=a.hetero_dense_heads,
+                gqa_pattern=a.hetero_gqa, allow_partial_coverage=a.hetero_allow_partial_coverage)
+
+
 def build_schemes(cfg: Config, mesh: ParallelMesh):
     """The softmax and linear schemes of the model, sharing one token layout."""
     import distattn
@@ -51,11 +58,7 @@ def build_schemes(cfg: Config, mesh: ParallelMesh):
     if name in ("ring", "allgather", "hetero") and a.layout_weights is not None:
         opts["layout_weights"] = tuple(a.layout_weights)
     if name == "hetero":
-        opts.update(block=a.hetero_block, local_blocks=a.hetero_local_blocks, stride=a.hetero_stride,
-                    head_step=a.hetero_head_step, offset=a.hetero_offset,
-                    dense_heads=a.hetero_dense_heads, gqa_pattern=a.hetero_gqa,
-                    allow_partial_coverage=a.hetero_allow_partial_coverage,
-                    dense_every=a.hetero_dense_every)
+        opts.update(hetero_options(a), dense_every=a.hetero_dense_every)
     if name in ("ring", "usp", "ulysses"):
         opts["dkv_dtype"] = a.dkv_dtype
     if name == "allgather" and a.allgather_head_stride:
