@@ -12,17 +12,8 @@ DEFAULT_SCHEMES = "ring,ring-basic,allgather,ulysses,usp:8,lasp2,lasp1"
 ALIASES = {"ring@contiguous": "ring-basic", "ring@zigzag": "ring"}
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
-
-
 def add_parser(sub) -> argparse.ArgumentParser:
+    from distattn.cli import _int_list  # the shared comma-separated positive-integer parser
     from distattn.sim.cluster import PRESETS
     from distattn.sim.training import MODELS
 
@@ -54,7 +45,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--calibrate", default=None, metavar="JSON",
                    help="measured benchmark: `distattn bench attention --json` output, or a JSON with "
                         "attn_flops_per_s / matmul_flops_per_s / call_overhead_s")
-    p.add_argument("--scaling", type=_ints, default=None, metavar="W1,W2,...",
+    p.add_argument("--scaling", type=_int_list, default=None, metavar="W1,W2,...",
                    help="also project over these GPU counts (CSV + PNG)")
     p.add_argument("--png", default=None, help="scaling plot path (default simulate_scaling.png in --out)")
     p.add_argument("--out", default=None, help="write table.md, table.csv, table.json (and the scaling files) here")
