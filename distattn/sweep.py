@@ -51,7 +51,6 @@ import csv
 import ctypes
 import json
 import math
-import resource
 import statistics
 import sys
 import threading
@@ -59,6 +58,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from distattn.bench.rss import peak_bytes, reset_peak, trim_heap
 from distattn.comm import Comm
 
 __all__ = ["SweepSpec", "Point", "load_sweep", "run_point_on_ranks", "run_sweep", "add_parser"]
@@ -184,17 +184,6 @@ def _scheme(name: str):
     return build_scheme(name)
 
 
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 class _MemProbe:
     """Peak memory of this process over a block (see the module docstring)."""
 
@@ -210,18 +199,8 @@ class _MemProbe:
             self.base = torch.cuda.memory_allocated()
             self.source = "cuda_allocator"
             return
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.base = (_status_kb("VmRSS") or 0) * 1024
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.source = "vmhwm"
-        except OSError:
-            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            self.source = "ru_maxrss"
+        trim_heap()
+        self.base, self.source = reset_peak()
 
     def peak(self) -> tuple[int, int]:
         """(peak - base, absolute peak) in bytes."""
@@ -230,10 +209,7 @@ class _MemProbe:
             torch.cuda.synchronize()
             p = torch.cuda.max_memory_allocated()
             return max(0, p - self.base), p
-        if self.source == "vmhwm":
-            p = (_status_kb("VmHWM") or 0) * 1024
-        else:
-            p = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        p = peak_bytes(self.source)
         return max(0, p - self.base), p
 
 

@@ -16,48 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import sys
 
+from distattn.bench.rss import peak_bytes, reset_peak, trim_heap
+
 MIB = 1024 ** 2
-
-
-def _maxrss() -> int:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib if sys.platform == "darwin" else kib * 1024
-
-
-def _status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> int:
-    """Start a fresh peak: on Linux reset VmHWM to the current RSS and return it.
-
-    ru_maxrss never goes down, so a transient peak while the model was built
-    would hide a smaller step peak; clear_refs "5" resets the kernel's counter.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        rss = _status_bytes("VmRSS")
-        if rss is not None:
-            return rss
-    except OSError:
-        pass
-    return _maxrss()
-
-
-def _peak() -> int:
-    hwm = _status_bytes("VmHWM")
-    return hwm if hwm is not None else _maxrss()
 
 
 def _warm_up(cfg) -> None:
@@ -70,7 +33,6 @@ def _warm_up(cfg) -> None:
     so the measured step follows a warm-up, as GPU peaks exclude the CUDA
     context and library workspaces.
     """
-    import ctypes
     import gc
 
     from distattn.config import Config
@@ -83,10 +45,7 @@ def _warm_up(cfg) -> None:
     tr.mesh.destroy()
     del tr
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    trim_heap()
 
 
 def measure_step(cfg_dict: dict, warm_up: bool = True, steps: int = 2) -> dict:
@@ -101,10 +60,10 @@ def measure_step(cfg_dict: dict, warm_up: bool = True, steps: int = 2) -> dict:
     if warm_up:
         _warm_up(cfg)
     tr = Trainer(cfg, quiet=True)
-    before = _reset_peak()
+    before, source = reset_peak()
     for _ in range(steps):  # the second step is the steady state: optimizer state already exists
         log = tr.train_step()
-    grown = _peak() - before
+    grown = peak_bytes(source) - before
     tr.mesh.destroy()
     peak = torch.tensor([float(grown)], dtype=torch.float64)
     Comm(None, CommLedger()).all_reduce(peak, op="max")
