@@ -477,14 +477,18 @@ def plan_or_run(spec: SweepSpec, pools: "_Pools", scheme: str, world: int, n_tok
     if why is not None:
         return Point(scheme=scheme, world=world, n_tokens=n_tokens, phase=phase, status="skipped",
                      predicted_mem_bytes=pred, fits=False, error=why)
-    return run_point_on_ranks(spec, pools, scheme, world, n_tokens, phase=phase)
+    return run_point_on_ranks(spec, pools, scheme, world, n_tokens, phase=phase, predicted=pred)
 
 
 def run_point_on_ranks(spec: SweepSpec, pools: _Pools, scheme: str, world: int, n_tokens: int,
-                       phase: str = "grid") -> Point:
-    """Run one point on ``world`` ranks; any failure becomes the point's status."""
-    pt = Point(scheme=scheme, world=world, n_tokens=n_tokens, phase=phase,
-               predicted_mem_bytes=predicted_bytes(spec, scheme, world, n_tokens))
+                       phase: str = "grid", predicted: int | None = None) -> Point:
+    """Run one point on ``world`` ranks; any failure becomes the point's status.
+
+    ``predicted``: the planner's peak when the caller has it already.
+    """
+    if predicted is None:
+        predicted = predicted_bytes(spec, scheme, world, n_tokens)
+    pt = Point(scheme=scheme, world=world, n_tokens=n_tokens, phase=phase, predicted_mem_bytes=predicted)
     spec_dict = asdict(spec)
     try:
         res = pools.get(world).run(_rank_point, spec_dict, scheme, n_tokens, timeout=spec.timeout_s)
