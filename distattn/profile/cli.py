@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from distattn.cli import _add_config_args
+    from distattn.cli_args import add_config_args as _add_config_args
 
     p = sub.add_parser(
         "profile", help="a few training steps under torch.profiler: Chrome traces per rank, compute / "
@@ -72,7 +72,7 @@ def cmd_profile(args) -> int:
         print(format_report(rows, summaries))
         print(f"wrote {out}/report.md, report.csv, report.json, timeline_trace.png")
         return 0
-    from distattn.cli import _load
+    from distattn.cli_args import load as _load
     cfg = _load(args)
     spec = ProfileSpec(steps=args.steps, warmup=args.warmup,
                        schemes=[s for s in args.schemes.split(",") if s] if args.schemes else None,

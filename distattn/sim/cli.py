@@ -13,7 +13,7 @@ ALIASES = {"ring@contiguous": "ring-basic", "ring@zigzag": "ring"}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from distattn.cli import _int_list  # the shared comma-separated positive-integer parser
+    from distattn.cli_args import int_list as _int_list  # the shared comma-separated positive-integer parser
     from distattn.sim.cluster import PRESETS
     from distattn.sim.training import MODELS
 

@@ -1,4 +1,4 @@
-"""Typed job configuration: pydantic models, YAML load/save, `a.b=c` overrides.
+"""The job's config sections (pydantic models) and the checks that span sections.
 
 Every problem is reported as a `ConfigError` whose lines each name the dotted
 key, the offending value and what would work, so a bad job fails at load time
@@ -6,12 +6,13 @@ with a fix in hand instead of deep inside a kernel or a collective.
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Iterable, Literal, Sequence, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+
+from distattn.config.errors import ConfigError, _describe, _did_you_mean
 
 SCHEMES = ("ring", "allgather", "ulysses", "usp", "lasp2", "lasp1", "local", "cad", "hetero")
 LAYOUTS = ("zigzag", "contiguous", "doc_zigzag", "weighted")
@@ -22,7 +23,7 @@ LAYER_KINDS = "NL"  # N: softmax attention layer, L: linear attention layer
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ENGINES = ("actors", "ray_train")
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent.parent / "configs" / "default.yaml"
 
 SchemeName = Literal[SCHEMES]
 LayoutName = Literal[LAYOUTS]
@@ -46,21 +47,6 @@ AnyInt = Annotated[int, Strict()]
 PosFloat = Annotated[float, BeforeValidator(_reject_bool), Field(gt=0)]
 NonNegFloat = Annotated[float, BeforeValidator(_reject_bool), Field(ge=0)]
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; `problems` holds one self-contained line each."""
-
-    def __init__(self, problems: str | Sequence[str], source: str | None = None):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        self.source = source
-        super().__init__(self._render())
-
-    def _render(self) -> str:
-        if self.source is None:
-            return "\n".join(self.problems)
-        if len(self.problems) == 1:
-            return f"{self.source}: {self.problems[0]}"
-        return f"{self.source}:\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
 class _Section(BaseModel):
@@ -104,8 +90,22 @@ def _nearest_multiples(n: int, m: int) -> list[int]:
 class RunConfig(_Section):
     section_key: ClassVar[str] = "run"
     name: str = "default"
-    output_dir: str = "runs/default"
+    output_dir: str | None = None  # None: runs/<name>
     seed: AnyInt = 1234
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        name = self.name
+        if not name or name.strip() != name or any(c in name for c in "/\\\0") or name in (".", ".."):
+            _fail([f"name={name!r} names the run directory runs/<name>; use letters, digits, '-', '_' "
+                   f"or '.', e.g. run.name=exp1 (set run.output_dir for a directory elsewhere)"])
+        if self.output_dir is None:
+            self.output_dir = f"runs/{name}"
+            self.model_fields_set.discard("output_dir")  # derived, not chosen
+        elif not self.output_dir.strip():
+            _fail([f"output_dir={self.output_dir!r} is empty; set run.output_dir to a directory, or leave it "
+                   f"unset for runs/<run.name>"])
+        return self
 
 
 class ModelConfig(_Section):
@@ -165,7 +165,7 @@ class ModelConfig(_Section):
 
 class ParallelConfig(_Section):
     section_key: ClassVar[str] = "parallel"
-    world_size: PosInt = 2
+    world_size: PosInt | None = None  # None: dp * cp + attention_servers
     dp: PosInt = 1
     cp: PosInt = 2
     ulysses: PosInt = 1
@@ -189,7 +189,10 @@ class ParallelConfig(_Section):
             problems.append(f"cp={cp} but ulysses*ring = {u}*{self.ring} = {u * self.ring}; "
                             f"set parallel.ring={cp // u} (or leave parallel.ring unset to derive it)")
         used = self.dp * cp + self.attention_servers
-        if used != self.world_size:
+        if self.world_size is None:
+            self.world_size = used
+            self.model_fields_set.discard("world_size")  # derived, not chosen
+        elif used != self.world_size:
             fixes = []
             trainers = self.world_size - self.attention_servers
             if trainers > 0 and trainers % cp == 0:
@@ -255,7 +258,7 @@ class TrainConfig(_Section):
     grad_accum: PosInt = 1
     lr: PosFloat = 2e-3
     min_lr: NonNegFloat = 2e-4
-    warmup_steps: NonNegInt = 10
+    warmup_steps: NonNegInt | None = None  # None: min(10, steps // 2)
     weight_decay: NonNegFloat = 0.1
     grad_clip: NonNegFloat = 1.0  # 0 turns clipping off
     zero_stage: Literal[0, 1, 2] = 0
@@ -270,9 +273,13 @@ class TrainConfig(_Section):
         if self.lr < self.min_lr:
             problems.append(f"lr={self.lr} is below min_lr={self.min_lr}; "
                             f"set train.min_lr <= {self.lr} or train.lr >= {self.min_lr}")
-        if self.warmup_steps > self.steps:
+        if self.warmup_steps is None:  # the default: 10 steps, or half of a shorter run
+            self.warmup_steps = min(DEFAULT_WARMUP_STEPS, self.steps // 2)
+            self.model_fields_set.discard("warmup_steps")
+        elif self.warmup_steps > self.steps:
             problems.append(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}; "
-                            f"set train.warmup_steps <= {self.steps} or train.steps >= {self.warmup_steps}")
+                            f"set train.warmup_steps <= {self.steps} or train.steps >= {self.warmup_steps}, "
+                            f"or leave train.warmup_steps unset (null) for min({DEFAULT_WARMUP_STEPS}, steps/2)")
         _fail(problems)
         return self
 
@@ -340,6 +347,19 @@ class BenchConfig(_Section):
                             f"add up to {self.seq_len} or set bench.seq_len={total}")
         _fail(problems)
         return self
+
+
+DEFAULT_WARMUP_STEPS = 10
+
+
+def config_notes(cfg: "Config") -> list[str]:
+    """What the config derived that a user may not expect (printed by `distattn train`)."""
+    notes = []
+    t = cfg.train
+    if "warmup_steps" not in t.model_fields_set and t.warmup_steps < DEFAULT_WARMUP_STEPS:
+        notes.append(f"train.warmup_steps: {t.warmup_steps} (the default {DEFAULT_WARMUP_STEPS} is cut to half "
+                     f"of train.steps={t.steps}); set train.warmup_steps to choose")
+    return notes
 
 
 WEIGHTED_SCHEMES = ("ring", "allgather", "hetero", "lasp2", "lasp1")  # lasp*: layout via allgather
@@ -451,207 +471,3 @@ class Config(_Section):
     def to_yaml(self) -> str:
         """The fully resolved job (derived values included), loadable by `load_config`."""
         return yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False, default_flow_style=None)
-
-
-# --- turning pydantic errors into messages ---------------------------------------
-
-_NOUNS = {"schemes": "scheme", "source": "data source", "zero_stage": "ZeRO stage"}
-
-
-def _dotted(loc: Sequence[str | int]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return None
-
-
-def _annotation_at(loc: Sequence[str | int]) -> Any:
-    ann: Any = Config
-    for part in loc:
-        if isinstance(part, int):
-            args = get_args(ann)
-            ann = next((a for a in args if get_origin(a) is list), ann)
-            ann = get_args(ann)[0] if get_origin(ann) is list else ann
-            continue
-        model = _model_of(ann)
-        if model is None or part not in model.model_fields:
-            return None
-        ann = model.model_fields[part].annotation
-    return ann
-
-
-def _literal_values(ann: Any) -> list[Any]:
-    if get_origin(ann) is Literal:
-        return list(get_args(ann))
-    for arg in get_args(ann):
-        found = _literal_values(arg)
-        if found:
-            return found
-    return []
-
-
-def _did_you_mean(value: Any, options: Iterable[Any]) -> str:
-    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-            type(None): "nothing"}.get(type(value), type(value).__name__)
-
-
-_EXPECTED = {
-    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
-    "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
-    "bool_parsing": "true or false", "string_type": "a string (quote it in YAML)",
-    "list_type": "a list", "model_type": None, "model_attributes_type": None, "dict_type": None,
-}
-
-
-def _describe_one(err: dict[str, Any], loc: tuple[str | int, ...]) -> list[str]:
-    key, kind, value = _dotted(loc), err["type"], err.get("input")
-    where = f"{key}: " if key else ""
-    if kind == "value_error":
-        cause = err["ctx"]["error"]
-        if isinstance(cause, ConfigError):  # a nested section already named its keys
-            return list(cause.problems)
-        return [f"{where}{line}" for line in str(cause).splitlines()]
-    if kind == "literal_error":
-        allowed = _literal_values(_annotation_at(loc))
-        field = next((p for p in reversed(loc) if isinstance(p, str)), "value")
-        noun = _NOUNS.get(field, field.replace("_", " "))
-        choices = ", ".join(map(str, allowed)) if allowed else err["ctx"]["expected"]
-        return [f"{where}{value!r} is not a {noun}; choose one of {choices}"
-                + _did_you_mean(value, allowed)]
-    if kind == "extra_forbidden":
-        parent = _model_of(_annotation_at(loc[:-1]))
-        valid = list(parent.model_fields) if parent else []
-        name = loc[-1]
-        if len(loc) == 1:
-            return [f"{name}: unknown section{_did_you_mean(name, valid)}; "
-                    f"valid sections are {', '.join(valid)}"]
-        return [f"{key}: unknown key{_did_you_mean(name, valid)}; "
-                f"valid keys of {_dotted(loc[:-1])} are {', '.join(valid)}"]
-    if kind in ("greater_than_equal", "greater_than"):
-        op = ">=" if kind == "greater_than_equal" else ">"
-        bound = err["ctx"]["ge" if op == ">=" else "gt"]
-        return [f"{where}must be {op} {bound}, got {value!r}"]
-    if kind in _EXPECTED:
-        expected = _EXPECTED[kind]
-        if expected is None:
-            model = _model_of(_annotation_at(loc))
-            keys = ", ".join(model.model_fields) if model else ""
-            expected = f"a mapping with keys from {keys}"
-        return [f"{where}expected {expected}, got {_type_name(value)} {value!r}"]
-    return [f"{where}{err['msg']}, got {value!r}"]
-
-
-def _describe(err: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
-    problems: list[str] = []
-    for item in err.errors(include_url=False):
-        problems.extend(_describe_one(item, prefix + tuple(item["loc"])))
-    return problems
-
-
-# --- files and overrides ---------------------------------------------------------
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError("no such config file", source=str(path))
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"not valid YAML: {err}", source=str(path)) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"expected a mapping of sections ({', '.join(Config.model_fields)}), "
-                          f"got {_type_name(data)}", source=str(path))
-    bad = [k for k in data if not isinstance(k, str)]
-    if bad:
-        raise ConfigError(f"section names must be strings, got {bad!r}; valid sections are "
-                          f"{', '.join(Config.model_fields)}", source=str(path))
-    # An empty section (`model:` with nothing under it) means "all defaults".
-    return {k: ({} if v is None else v) for k, v in data.items()}
-
-
-_SECTIONS: dict[str, type[BaseModel]] = {
-    name: f.annotation for name, f in Config.model_fields.items()  # type: ignore[misc]
-}
-
-
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings to raw config data (values parsed as YAML)."""
-    if isinstance(overrides, str):
-        overrides = [overrides]
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    sections = list(Config.model_fields)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. parallel.cp=4")
-        dotted, raw = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        section = parts[0]
-        if section not in sections:
-            raise ConfigError(f"override {item!r}: unknown section {section!r}"
-                              f"{_did_you_mean(section, sections)}; "
-                              f"valid sections are {', '.join(sections)}")
-        fields = list(_SECTIONS[section].model_fields)
-        if len(parts) != 2 or not parts[1]:
-            raise ConfigError(f"override {item!r}: name one key, as {section}.KEY=VALUE; "
-                              f"valid keys of {section} are {', '.join(fields)}")
-        name = parts[1]
-        if name not in fields:
-            raise ConfigError(f"override {item!r}: {section}.{name} is an unknown key"
-                              f"{_did_you_mean(name, fields)}; "
-                              f"valid keys of {section} are {', '.join(fields)}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from None
-        target = out.get(section)
-        if not isinstance(target, dict):
-            target = out[section] = {}
-        target[name] = value
-    return out
-
-
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Load a YAML job (None: the shipped default job), apply overrides, validate.
-
-    The defaults live in the models; `configs/default.yaml` mirrors them, so an
-    install without the file still yields the same default job.
-    """
-    source: str | None = None
-    data: dict[str, Any] = {}
-    if path is None and DEFAULT_CONFIG_PATH.is_file():
-        path = DEFAULT_CONFIG_PATH
-    if path is not None:
-        source = str(path)
-        data = _read_yaml(Path(path))
-    data = apply_overrides(data, overrides)
-    try:
-        return Config.model_validate(data)
-    except ConfigError as err:
-        raise ConfigError(err.problems, source=source) from None
-
-
-def save_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config, so a run directory records exactly what ran."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(cfg.to_yaml())
-    return path
-
-
-__all__ = [
-    "AttentionConfig", "BenchConfig", "Config", "ConfigError", "DataConfig", "LaunchConfig", "ModelConfig",
-    "ParallelConfig", "RunConfig", "TrainConfig", "DEFAULT_CONFIG_PATH", "SCHEMES", "LAYOUTS",
-    "apply_overrides", "load_config", "save_config",
-]
