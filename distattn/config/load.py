@@ -1,6 +1,7 @@
 """Reading a job: YAML files, `section.key=value` overrides, validation, saving what ran."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -9,6 +10,7 @@ from pydantic import BaseModel
 
 from distattn.config.errors import ConfigError, _did_you_mean, _type_name
 from distattn.config.sections import DEFAULT_CONFIG_PATH, Config
+
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
@@ -35,35 +37,43 @@ _SECTIONS: dict[str, type[BaseModel]] = {
 }
 
 
+def _parse_override(item: str, hint: str = "") -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value parsed as YAML), or a ConfigError naming the override."""
+    sections = list(Config.model_fields)
+    if "=" not in item:
+        example = hint or ("4" if item.strip() == "parallel.cp" else "VALUE")
+        raise ConfigError(f"--set {item}: expected KEY=VALUE joined by '=' with no spaces, e.g. "
+                          f"--set {item.strip() or 'parallel.cp'}={example}")
+    dotted, raw = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    section = parts[0]
+    if section not in sections:
+        raise ConfigError(f"--set {item}: unknown section {section!r}"
+                          f"{_did_you_mean(section, sections)}; "
+                          f"valid sections are {', '.join(sections)}")
+    fields = list(_SECTIONS[section].model_fields)
+    if len(parts) != 2 or not parts[1]:
+        raise ConfigError(f"--set {item}: name one key, as {section}.KEY=VALUE; "
+                          f"valid keys of {section} are {', '.join(fields)}")
+    name = parts[1]
+    if name not in fields:
+        raise ConfigError(f"--set {item}: {section}.{name} is an unknown key"
+                          f"{_did_you_mean(name, fields)}; "
+                          f"valid keys of {section} are {', '.join(fields)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item}: the value is not valid YAML: {err}") from None
+    return section, name, value
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings to raw config data (values parsed as YAML)."""
     if isinstance(overrides, str):
         overrides = [overrides]
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    sections = list(Config.model_fields)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. parallel.cp=4")
-        dotted, raw = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        section = parts[0]
-        if section not in sections:
-            raise ConfigError(f"override {item!r}: unknown section {section!r}"
-                              f"{_did_you_mean(section, sections)}; "
-                              f"valid sections are {', '.join(sections)}")
-        fields = list(_SECTIONS[section].model_fields)
-        if len(parts) != 2 or not parts[1]:
-            raise ConfigError(f"override {item!r}: name one key, as {section}.KEY=VALUE; "
-                              f"valid keys of {section} are {', '.join(fields)}")
-        name = parts[1]
-        if name not in fields:
-            raise ConfigError(f"override {item!r}: {section}.{name} is an unknown key"
-                              f"{_did_you_mean(name, fields)}; "
-                              f"valid keys of {section} are {', '.join(fields)}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from None
+        section, name, value = _parse_override(item)
         target = out.get(section)
         if not isinstance(target, dict):
             target = out[section] = {}
@@ -71,12 +81,61 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return out
 
 
+def _drop_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Keys of the embedded default file that equal the built-in defaults are not choices.
+
+    configs/default.yaml mirrors the defaults so users can read them; counting its
+    keys as set would turn derived values (world size, warmup, a scheme's own
+    layout) into conflicts with the user's --set.
+    """
+    out: dict[str, Any] = {}
+    for section, values in data.items():
+        model = _SECTIONS.get(section)
+        if model is None or not isinstance(values, dict):
+            out[section] = values
+            continue
+        fields = model.model_fields
+        out[section] = {k: v for k, v in values.items()
+                        if not (k in fields and not fields[k].is_required() and v == fields[k].get_default(
+                            call_default_factory=True))}
+    return out
+
+
+def _attribute(problems: list[str], overrides: list[str], source: str | None) -> list[str]:
+    """Prefix each problem with where it came from: the --set that set a key it names, else the file."""
+    parsed = []
+    for item in overrides:
+        dotted = item.split("=", 1)[0].strip()
+        section, _, name = dotted.partition(".")
+        parsed.append((item, section, name))
+    out = []
+    for line in problems:
+        head = line.split(":", 1)[0]
+        origin = None
+        for item, section, name in reversed(parsed):  # the last --set of a key wins
+            dotted = f"{section}.{name}"
+            if (head == dotted or dotted in line
+                    or (head == section and re.search(rf"\b{re.escape(name)}\b", line))):
+                origin = f"--set {item}"
+                break
+        if origin is None:
+            origin = source
+        out.append(f"{origin}: {line}" if origin else line)
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Load a YAML job (None: the shipped default job), apply overrides, validate.
 
     The defaults live in the models; `configs/default.yaml` mirrors them, so an
-    install without the file still yields the same default job.
+    install without the file still yields the same default job. Overrides are
+    checked before the file is read, so `--set key value` (a space, not '=')
+    is named as such rather than reported as a missing config file.
     """
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    for item in overrides:
+        hint = str(path) if path is not None and not Path(path).is_file() else ""
+        _parse_override(item, hint)
     source: str | None = None
     data: dict[str, Any] = {}
     if path is None and DEFAULT_CONFIG_PATH.is_file():
@@ -84,11 +143,14 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     if path is not None:
         source = str(path)
         data = _read_yaml(Path(path))
+        if Path(path).resolve() == DEFAULT_CONFIG_PATH:
+            data = _drop_defaults(data)
+            source = "configs/default.yaml"
     data = apply_overrides(data, overrides)
     try:
         return Config.model_validate(data)
     except ConfigError as err:
-        raise ConfigError(err.problems, source=source) from None
+        raise ConfigError(_attribute(err.problems, overrides, source)) from None
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:
@@ -97,4 +159,3 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(cfg.to_yaml())
     return path
-

@@ -264,7 +264,13 @@ class TrainConfig(_Section):
     zero_stage: Literal[0, 1, 2] = 0
     log_every: PosInt = 10
     ckpt_every: NonNegInt = 50  # 0: no periodic checkpoints
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    wsd_decay_fraction: Annotated[float, BeforeValidator(_reject_bool), Field(gt=0, le=1)] = 0.2
+    adam_beta1: Annotated[float, BeforeValidator(_reject_bool), Field(ge=0, lt=1)] = 0.9
+    adam_beta2: Annotated[float, BeforeValidator(_reject_bool), Field(ge=0, lt=1)] = 0.95
+    adam_eps: PosFloat = 1e-8
     tensorboard: bool = True
+    logger: Literal["none", "wandb", "mlflow"] = "none"  # one more logger beside TensorBoard (rank 0)
     comm_timeout_s: PosInt = 300  # a collective blocked this long fails instead of hanging
 
     @model_validator(mode="after")
@@ -273,6 +279,11 @@ class TrainConfig(_Section):
         if self.lr < self.min_lr:
             problems.append(f"lr={self.lr} is below min_lr={self.min_lr}; "
                             f"set train.min_lr <= {self.lr} or train.lr >= {self.min_lr}")
+        if self.logger != "none":
+            import importlib.util
+            if importlib.util.find_spec(self.logger) is None:
+                problems.append(f"logger={self.logger} needs the {self.logger} package, which is not "
+                                f"installed; `pip install {self.logger}` or set train.logger=none")
         if self.warmup_steps is None:  # the default: 10 steps, or half of a shorter run
             self.warmup_steps = min(DEFAULT_WARMUP_STEPS, self.steps // 2)
             self.model_fields_set.discard("warmup_steps")
@@ -369,6 +380,15 @@ def _attention_problems(a: AttentionConfig, model: ModelConfig, par: ParallelCon
     """Layout weights and the hetero pattern: checks that need the model and parallel sections."""
     problems: list[str] = []
     w = a.layout_weights
+    if w is None and a.layout == "weighted" and a.scheme in WEIGHTED_SCHEMES:
+        problems.append(f"attention.layout=weighted shares tokens by per-rank speed, but "
+                        f"attention.layout_weights is not set; give one weight per cp rank, e.g. "
+                        f"attention.layout_weights=[{', '.join(['1.0'] * par.cp)}], or use attention.layout=zigzag")
+    if a.scheme == "cad" and a.layout in ("zigzag", "weighted"):
+        problems.append(f"attention.layout={a.layout} with scheme cad: cad balances attention itself and "
+                        f"keeps documents whole on their owners; {a.layout} would only cut documents into "
+                        f"more pieces (more KV to send); use attention.layout=contiguous (cad's default when "
+                        f"attention.layout is unset) or doc_zigzag")
     if w is not None:
         if a.layout != "weighted":
             problems.append(f"attention.layout_weights={w} needs attention.layout=weighted, got "
@@ -433,6 +453,9 @@ class Config(_Section):
             problems.append(f"attention.scheme: {scheme} does not split heads, but parallel.ulysses="
                             f"{par.ulysses}; use scheme usp (ulysses={par.ulysses}, ring={par.ring}) "
                             f"or set parallel.ulysses=1")
+        if scheme == "cad" and "layout" not in self.attention.model_fields_set:
+            # cad's token owners keep documents whole: its own default, not the ring's zigzag
+            self.attention = self.attention.model_copy(update={"layout": "contiguous"})
         problems.extend(_attention_problems(self.attention, self.model, par))
         if par.attention_servers > 0 and scheme != "cad":
             problems.append(f"parallel.attention_servers={par.attention_servers} needs attention.scheme "

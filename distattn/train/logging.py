@@ -1,6 +1,7 @@
 """Step logs: a console line with an ETA, and TensorBoard scalars (rank 0 only)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,56 @@ def _fmt_eta(seconds: float) -> str:
     m, s = divmod(seconds, 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def step_scalars(log, tok_s: float) -> dict[str, float]:
+    """The scalars of one step, named as in TensorBoard, for the other loggers."""
+    out = {"train/loss": log.loss, "train/lr": log.lr, "train/grad_norm": log.grad_norm,
+           "perf/tokens_per_s": tok_s, "perf/step_s": log.step_s, "comm/bytes_sent": float(log.comm_bytes),
+           "comm/exposed_s": log.exposed_s}
+    out.update({k: float(v) for k, v in log.extra.items()})
+    return out
+
+
+class _Wandb:
+    """Weights & Biases: one run per distattn run, named after run.name, offline if WANDB_MODE says so."""
+
+    def __init__(self, cfg):
+        import wandb
+        self._wandb = wandb
+        self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "distattn"), name=cfg.run.name,
+                               dir=str(Path(cfg.run.output_dir)), config=cfg.model_dump(mode="json"))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self._run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class _Mlflow:
+    """MLflow: one run named after run.name, the config as parameters (tracking URI from MLFLOW_TRACKING_URI)."""
+
+    def __init__(self, cfg):
+        import mlflow
+        self._mlflow = mlflow
+        mlflow.start_run(run_name=cfg.run.name)
+        flat = {f"{sec}.{k}": v for sec, vals in cfg.model_dump(mode="json").items() for k, v in vals.items()}
+        mlflow.log_params({k: str(v)[:250] for k, v in flat.items()})
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self._mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        self._mlflow.end_run()
+
+
+def open_extra_logger(cfg):
+    """The logger named by train.logger beside TensorBoard, or None."""
+    kind = cfg.train.logger
+    if kind == "none":
+        return None
+    return {"wandb": _Wandb, "mlflow": _Mlflow}[kind](cfg)
 
 
 class RunLogger:
@@ -27,6 +78,7 @@ class RunLogger:
         if enabled and cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.tb_dir))
+        self.extra = open_extra_logger(cfg) if enabled else None
         if enabled and not quiet:
             p, a = cfg.parallel, cfg.attention
             print(f"distattn train: {cfg.model.num_layers} layers ({cfg.model.layer_kinds()}), "
@@ -43,6 +95,8 @@ class RunLogger:
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(done, 1) * (t.steps - log.step)
         tok_s = log.tokens / log.step_s if log.step_s > 0 else 0.0
+        if self.extra is not None:
+            self.extra.log(step_scalars(log, tok_s), log.step)
         if self.writer is not None:
             w = self.writer
             w.add_scalar("train/loss", log.loss, log.step)
@@ -65,5 +119,7 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.extra is not None:
+            self.extra.close()
         if self.enabled:
             sys.stdout.flush()

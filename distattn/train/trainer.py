@@ -21,21 +21,9 @@ import torch.distributed as dist
 from distattn.comm import Comm, CommError, CommLedger
 from distattn.config import Config, save_config
 from distattn.mesh import MeshShape, ParallelMesh
+from distattn.train.schedule import lr_lambda
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-
-
-def lr_lambda(train_cfg):
-    """Linear warmup to lr, then cosine decay to min_lr at the last step (a multiplier of lr)."""
-    lr, min_lr, warm, steps = train_cfg.lr, train_cfg.min_lr, train_cfg.warmup_steps, train_cfg.steps
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        span = max(1, steps - warm)
-        t = min(1.0, (step - warm) / span)
-        return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))) / lr
-    return f
 
 
 def hetero_options(a) -> dict:
@@ -161,7 +149,7 @@ class Trainer:
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
+            lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
         self.engine = None
         if t.zero_stage > 0:
