@@ -47,10 +47,17 @@ needs) whose predicted peak fits the budget, found by bisection.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+from distattn.config import ConfigError
+from distattn.config.sections import SCHEMES
+from distattn.plan.cli import add_memory_parser as add_parser  # the command; distattn.cli imports it here
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
+RECOMPUTE = ("none", "selective", "full")
+MAX_SEQ = 1 << 34  # the longest context the search considers (16 Gi tokens)
 
 
 @dataclass
@@ -139,11 +146,11 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
     optimizer state) is live at all three in a steady-state step.
     """
     m, t = cfg.model, cfg.train
-    n = int(seq_len or cfg.data.seq_len)
-    cp = int(cp or cfg.parallel.cp)
-    dp = int(dp or cfg.parallel.dp)
-    scheme = scheme or cfg.attention.scheme
-    recompute = recompute or m.recompute
+    n = _count("seq_len", cfg.data.seq_len if seq_len is None else seq_len)
+    cp = _count("cp", cfg.parallel.cp if cp is None else cp)
+    dp = _count("dp", cfg.parallel.dp if dp is None else dp)
+    scheme = _scheme(cfg.attention.scheme if scheme is None else scheme)
+    recompute = _recompute(m.recompute if recompute is None else recompute)
     s = 2 if m.dtype == "bf16" else 4
     h, d, kv, f, V = m.hidden_size, m.head_dim, m.num_query_groups, m.ffn_hidden_size, m.vocab_size
     T = -(-n // cp)  # tokens on this rank
@@ -168,8 +175,8 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
         # projection (measured live through the layer's backward) too
         kept = h * s + part["core"] + part["inputs"]
         redo = part["attn_rest"] + part["mlp"] + part["inputs"]
-    else:
-        raise ValueError(f"recompute={recompute!r}; choose none, selective or full")
+    else:  # unreachable: _recompute checked it
+        raise ConfigError(f"recompute={recompute!r}; choose one of {', '.join(RECOMPUTE)}")
     once = 8 + 8 + 4 + 2 * d * 4                      # tokens, labels, per-token loss, RoPE cos/sin
     base = L * kept + once
     # 1. the loss: saved log-softmax (fp32) and the final norm output, plus the
@@ -196,29 +203,68 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
 
 
 def longest_context(cfg, budget_bytes: float, cp: int, scheme: str | None = None,
-                    recompute: str | None = None, dp: int = 1, hi: int = 1 << 34) -> int:
-    """Largest seq_len (multiple of 2*cp) whose predicted per-rank peak fits `budget_bytes`; 0: none."""
+                    recompute: str | None = None, dp: int = 1, hi: int = MAX_SEQ) -> int:
+    """Largest seq_len (multiple of 2*cp, at most `hi`) whose predicted per-rank peak fits
+    `budget_bytes`; 0: none. At most 2*log2(hi) predictions, whatever the arguments."""
+    cp, dp, hi = _count("cp", cp), _count("dp", dp), _count("hi", hi)
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) \
+            or not math.isfinite(budget_bytes) or budget_bytes <= 0:
+        raise ConfigError(f"budget: {budget_bytes!r} bytes; the per-device budget must be a finite "
+                          f"number > 0")
+    _scheme(scheme if scheme is not None else cfg.attention.scheme)
+    _recompute(recompute if recompute is not None else cfg.model.recompute)
     step = 2 * cp
+    top = hi // step                       # the most steps a context may hold
 
-    def fits(n: int) -> bool:
-        return predict_memory(cfg, n, cp=cp, dp=dp, scheme=scheme, recompute=recompute).total <= budget_bytes
+    def fits(k: int) -> bool:
+        return predict_memory(cfg, k * step, cp=cp, dp=dp, scheme=scheme,
+                              recompute=recompute).total <= budget_bytes
 
-    if not fits(step):
+    if top < 1 or not fits(1):
         return 0
-    lo, up = 1, step
-    while fits(up * step) and up * step < hi:
+    lo, up = 1, 2                          # fits(lo); up: the first multiple not known to fit
+    while up <= top and fits(up):
         lo, up = up, up * 2
+    up = min(up, top + 1)
     while up - lo > 1:
         mid = (lo + up) // 2
-        if fits(mid * step):
+        if fits(mid):
             lo = mid
         else:
             up = mid
     return lo * step
 
 
+def _count(name: str, value) -> int:
+    """A positive whole number of tokens or ranks, else a ConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not (isinstance(value, float) and value.is_integer() and value >= 1):
+            raise ConfigError(f"{name}={value!r}: expected an integer >= 1")
+    return int(value)
+
+
+def _scheme(name) -> str:
+    if name not in SCHEMES:
+        raise ConfigError(f"scheme {name!r} is not one of {', '.join(SCHEMES)}")
+    return name
+
+
+def _recompute(mode) -> str:
+    if mode not in RECOMPUTE:
+        raise ConfigError(f"recompute {mode!r} is not one of {', '.join(RECOMPUTE)}")
+    return mode
+
+
 def plan_table(cfg, budget_gib: float, worlds: list[int], schemes: list[str],
                recomputes: list[str]) -> list[dict]:
+    """One row per (scheme, cp, recompute): the peak at the config's seq_len and the longest context
+    under `budget_gib` (with the config's dp, as the peak)."""
+    if isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float)) \
+            or not math.isfinite(budget_gib) or budget_gib <= 0:
+        raise ConfigError(f"budget_gib={budget_gib!r}: expected a finite number of GiB > 0, e.g. 80")
+    for what, vals in (("worlds", worlds), ("schemes", schemes), ("recompute", recomputes)):
+        if not vals:
+            raise ConfigError(f"{what}: expected at least one value")
     rows, seen = [], set()
     for scheme in schemes:
         for w in worlds:
@@ -227,7 +273,7 @@ def plan_table(cfg, budget_gib: float, worlds: list[int], schemes: list[str],
                 if (sch, w, rc) in seen:  # one process needs no scheme: list W=1 once
                     continue
                 seen.add((sch, w, rc))
-                longest = longest_context(cfg, budget_gib * GIB, w, sch, rc)
+                longest = longest_context(cfg, budget_gib * GIB, w, sch, rc, dp=cfg.parallel.dp)
                 here = predict_memory(cfg, cp=w, scheme=sch, recompute=rc)
                 rows.append({"scheme": sch, "cp": w, "recompute": rc, "seq_len": here.seq_len,
                              "peak_mib": here.total / MIB, "static_mib": here.static / MIB,
@@ -246,58 +292,3 @@ def format_table(rows: list[dict], budget_gib: float) -> str:
                      f"{r['peak_mib']:>9.1f} {r['static_mib']:>8.1f} {r['act_mib']:>8.1f} "
                      f"{r['transient_mib']:>9.1f} {r['peak_at']:<18}  {r['longest']:>10}")
     return "\n".join(lines)
-
-
-def _plan_subparsers(sub):
-    """The `plan` command's subcommands: the existing group, or a new `plan` command."""
-    import argparse
-    existing = sub.choices.get("plan")
-    if existing is None:
-        p = sub.add_parser("plan", help="predict without launching anything")
-        return p.add_subparsers(dest="what", required=True)
-    for action in existing._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return existing.add_subparsers(dest="what", required=True)
-
-
-def add_parser(sub):
-    psub = _plan_subparsers(sub)
-    pm = psub.add_parser("memory", help="predicted per-rank peak memory and the longest context "
-                                        "that fits a per-device budget, per scheme and world size")
-    pm.add_argument("config", nargs="?", default=None,
-                    help="YAML config (default: the embedded configs/default.yaml)")
-    pm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key (repeatable)")
-    pm.add_argument("--budget-gib", type=float, default=80.0, help="per-device memory budget in GiB")
-    pm.add_argument("--worlds", default=None,
-                    help="comma-separated cp sizes (default: 1 and the config's parallel.cp)")
-    pm.add_argument("--schemes", default=None,
-                    help="comma-separated schemes (default: the config's attention.scheme)")
-    pm.add_argument("--recompute", default=None,
-                    help="comma-separated recompute modes (default: the config's model.recompute)")
-    pm.add_argument("--json", default=None, help="also write the rows as JSON here")
-    pm.set_defaults(fn=cmd_plan_memory)
-    return pm
-
-
-def cmd_plan_memory(args) -> int:
-    import json
-    from pathlib import Path
-
-    from distattn.config import load_config
-    cfg = load_config(args.config, args.overrides)
-    worlds = [int(x) for x in args.worlds.split(",")] if args.worlds else sorted({1, cfg.parallel.cp})
-    schemes = args.schemes.split(",") if args.schemes else [cfg.attention.scheme]
-    rcs = args.recompute.split(",") if args.recompute else [cfg.model.recompute]
-    rows = plan_table(cfg, args.budget_gib, worlds, schemes, rcs)
-    print(format_table(rows, args.budget_gib))
-    if cfg.model.dtype != "fp32":
-        print(f"note: model.dtype={cfg.model.dtype} is planned at its element size, but only fp32 has been "
-              f"checked against measurement; on CPU, bf16 steps measured 1.25-2x the plan (the CPU "
-              f"RMSNorm and attention kernels keep fp32 copies)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-        print(f"wrote {args.json}")
-    return 0
