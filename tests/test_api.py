@@ -75,3 +75,15 @@ def test_cli_config_prints_resolved_yaml(capsys):
     assert "seq_len: 8192" in capsys.readouterr().out
     assert cli_main(["config", "--set", "attention.scheme=rign"]) == 2
     assert "attention.scheme" in capsys.readouterr().err
+
+
+def test_bench_table_explains_negative_overlap():
+    """A negative overlap is printed with the reason it is negative; a positive one only with the legend."""
+    from distattn.bench.attention import Row
+    spec = BenchSpec(world_size=2)
+    rows = [Row("ring", 2, 0.01, 1.0, 0.02, 1 << 20, 0.005, 0.004, -0.25, 0.9),
+            Row("allgather", 2, 0.01, 1.0, 0.02, 1 << 20, 0.002, 0.004, 0.5, 0.9)]
+    text = format_table(rows, 0.02, spec)
+    assert "overlap = 1 - crit exposed / comm alone" in text
+    assert "overlap < 0 (ring)" in text and "compete with the ranks' compute" in text
+    assert "overlap < 0" not in format_table(rows[1:], 0.02, spec)

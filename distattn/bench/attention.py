@@ -265,7 +265,21 @@ def format_table(rows: list[Row], single: float, spec: BenchSpec) -> str:
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     body = [fmt.format(*line) for line in lines]
     body.insert(1, "-" * len(body[0]))
-    return head + "\n".join(body)
+    return head + "\n".join(body) + "\n" + overlap_footer(rows)
+
+
+def overlap_footer(rows: list[Row]) -> str:
+    """What the overlap column means, and why a value can be negative (said where one is)."""
+    text = ("overlap = 1 - crit exposed / comm alone: the share of the transfer time (measured alone, with "
+            "a null kernel) that the critical-path rank did not spend blocked; 1 = fully hidden, 0 = none.")
+    neg = [r.scheme for r in rows if r.overlap == r.overlap and r.overlap < 0]
+    if neg:
+        text += (f"\noverlap < 0 ({', '.join(neg)}): the critical-path rank was blocked longer than the "
+                 f"transfers take alone, so compute hid none of them and they ran slower during the step "
+                 f"than alone. On CPU, gloo's transfer threads compete with the ranks' compute for cores, "
+                 f"and a wait also holds a peer's late start (step-to-step skew). Read it as no overlap; "
+                 f"the magnitude is that slowdown, not communication hidden or lost.")
+    return text
 
 
 def _fmt_ms(x: float) -> str:

@@ -10,26 +10,29 @@ batches three ways:
 and reports the predicted per-rank step work (attention pairs + linear cost per
 token, padding included) as max/mean and the idle fraction
 ``sum(max - t_i) / (N max)`` averaged over steps, plus the padding the balanced
-packer adds. With ``measure_steps > 0`` it also times, on this machine, causal
+packer adds. The distributions: ``stdlib`` (Python stdlib file sizes),
+``lognormal`` (mean, sigma), and ``data``: the document lengths of the
+config's ``data`` section (``--set data.source=jsonl --set data.path=...``).
+With ``measure_steps > 0`` it also times, on this machine, causal
 attention forward+backward of every rank's documents (lengths scaled by
 ``measure_scale``, one thread, ``time.thread_time``) and reports the measured
 critical path (max over ranks) against the mean the same way.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
-from distattn.sched.pack import (BalancedPacker, balanced_loads, lognormal_lengths, plan_stats,
-                                 token_packing_loads)
+from distattn.config import ConfigError
+from distattn.sched.pack_stats import balanced_loads, lognormal_lengths, plan_stats, token_packing_loads
+from distattn.sched.packer import BalancedPacker
 
-__all__ = ["BalanceRow", "run_balance_bench", "format_table", "add_parser"]
+__all__ = ["BalanceRow", "run_balance_bench", "format_table", "add_parser", "DISTS"]
+
+DISTS = ("stdlib", "lognormal", "data")
 
 
 @dataclass
@@ -117,8 +120,20 @@ def run_balance_bench(dists=("stdlib", "lognormal"), dps=(2, 4), seq_len: int = 
                       steps: int = 30, seed: int = 0, linear_cost: float = 0.0, max_defer: int = 2,
                       lognormal=(8192.0, 1.5), docs: int = 4000, measure_steps: int = 0,
                       measure_scale: float = 1 / 16, heads: int = 4, head_dim: int = 32,
-                      log=lambda m: None) -> list[BalanceRow]:
+                      data_lengths=None, log=lambda m: None) -> list[BalanceRow]:
+    """Rows per distribution, dp size and packing; ``data_lengths``: the lengths of the ``data`` dist."""
     import torch
+    bad = [d for d in dists if d not in DISTS]
+    if bad or not dists:
+        raise ConfigError(f"distributions {list(dists)!r}: choose among {', '.join(DISTS)}")
+    if "data" in dists and data_lengths is None:
+        raise ConfigError("distribution 'data' needs data_lengths (the config's document lengths)")
+    if not dps or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dps):
+        raise ConfigError(f"dp sizes {list(dps)!r}: expected integers >= 1")
+    if isinstance(measure_steps, bool) or not isinstance(measure_steps, int) or measure_steps < 0 \
+            or not measure_scale > 0:
+        raise ConfigError(f"measure_steps={measure_steps!r} must be an integer >= 0 and "
+                          f"measure_scale={measure_scale!r} > 0")
     rows: list[BalanceRow] = []
     for dist in dists:
         if dist == "stdlib":
@@ -127,7 +142,7 @@ def run_balance_bench(dists=("stdlib", "lognormal"), dps=(2, 4), seq_len: int = 
         elif dist == "lognormal":
             lengths = lognormal_lengths(lognormal[0], lognormal[1], docs, seed=seed)
         else:
-            raise ValueError(f"unknown distribution {dist!r}; choose stdlib or lognormal")
+            lengths = data_lengths
         for dp in dps:
             log(f"{dist} dp={dp}")
             tok = plan_stats(token_packing_loads(lengths, seq_len, dp, micro, steps, seed, linear_cost))
@@ -168,38 +183,53 @@ def format_table(rows: list[BalanceRow]) -> str:
 
 
 def _cmd(args) -> int:
-    mean, sigma = (float(v) for v in args.lognormal.split(","))
-    rows = run_balance_bench(dists=[d for d in args.dists.split(",") if d],
-                             dps=[int(v) for v in args.dp.split(",") if v], seq_len=args.seq_len,
+    from distattn.cli_args import load, write_json
+    cfg = load(args)
+    data_lengths, note = None, ""
+    if "data" in args.dists:
+        from distattn.train.data import build_source
+        src = build_source(cfg.data, seed=cfg.run.seed)
+        data_lengths, note = src.lengths, f"; data = {src.describe()}"
+    mean, sigma = args.lognormal
+    rows = run_balance_bench(dists=args.dists, dps=args.dp, seq_len=args.seq_len,
                              micro=args.micro, steps=args.steps, seed=args.seed, linear_cost=args.linear_cost,
                              max_defer=args.max_defer, lognormal=(mean, sigma), docs=args.docs,
                              measure_steps=args.measure_steps, measure_scale=args.measure_scale,
-                             log=lambda m: print(m, file=sys.stderr, flush=True))
+                             data_lengths=data_lengths, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"seq_len {args.seq_len}, {args.micro} micro-batches per rank, {args.steps} steps, linear cost "
           f"{args.linear_cost:g} pairs/token; measured: {args.measure_steps} steps at lengths x "
-          f"{args.measure_scale:g}, causal attention fwd+bwd, 1 thread")
+          f"{args.measure_scale:g}, causal attention fwd+bwd, 1 thread{note}")
     print(format_table(rows))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    write_json(args.json, [asdict(r) for r in rows])
     return 0
 
 
 def add_parser(bsub) -> None:
     """``distattn bench balance`` under ``bench``."""
-    b = bsub.add_parser("balance", help="dp imbalance of token packing vs attention-aware packing "
-                                        "(predicted, and measured attention CPU time)")
-    b.add_argument("--dists", default="stdlib,lognormal", help="stdlib (Python stdlib file sizes), lognormal")
-    b.add_argument("--dp", default="2,4", help="comma-separated dp sizes")
-    b.add_argument("--seq-len", type=int, default=65536, help="tokens per micro-batch")
-    b.add_argument("--micro", type=int, default=4, help="micro-batches per rank per step")
-    b.add_argument("--steps", type=int, default=30)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--linear-cost", type=float, default=0.0, help="linear work per token, pair units")
-    b.add_argument("--max-defer", type=int, default=2, help="also run with outlier deferral bound K")
-    b.add_argument("--lognormal", default="8192,1.5", metavar="MEAN,SIGMA")
-    b.add_argument("--docs", type=int, default=4000)
-    b.add_argument("--measure-steps", type=int, default=2, help="steps timed on this machine (0: none)")
-    b.add_argument("--measure-scale", type=float, default=1 / 16, help="length scale of the timed steps")
-    b.add_argument("--json", default=None)
+    from distattn.cli_args import (HelpFormatter, add_config_args, choice_list, int_list, nonneg_float,
+                                   nonneg_int, positive_float, positive_int)
+    from distattn.plan.cli import lognormal_spec
+    b = bsub.add_parser("balance", formatter_class=HelpFormatter,
+                        help="dp imbalance of token packing vs attention-aware packing "
+                             "(predicted, and measured attention CPU time)")
+    add_config_args(b)  # the config's data section is the 'data' distribution
+    b.add_argument("--dists", type=choice_list(DISTS), default="stdlib,lognormal", metavar="D1,D2,...",
+                   help="stdlib (Python stdlib file sizes), lognormal (--lognormal), data (the config's "
+                        "data section, e.g. --set data.source=jsonl --set data.path=FILE)")
+    b.add_argument("--dp", type=int_list, default="2,4", metavar="DP1,DP2,...",
+                   help="comma-separated dp sizes, each >= 1")
+    b.add_argument("--seq-len", type=positive_int, default=65536, help="tokens per micro-batch")
+    b.add_argument("--micro", type=positive_int, default=4, help="micro-batches per rank per step")
+    b.add_argument("--steps", type=positive_int, default=30, help="planned steps averaged")
+    b.add_argument("--seed", type=nonneg_int, default=0, help="seed of the epoch order and the lognormal draw")
+    b.add_argument("--linear-cost", type=nonneg_float, default=0.0, help="linear work per token, pair units")
+    b.add_argument("--max-defer", type=nonneg_int, default=2,
+                   help="also run with outlier deferral bound K (0: only without deferral)")
+    b.add_argument("--lognormal", type=lognormal_spec, default="8192,1.5", metavar="MEAN,SIGMA",
+                   help="the lognormal distribution's mean length and log-sigma")
+    b.add_argument("--docs", type=positive_int, default=4000, help="documents drawn from the lognormal")
+    b.add_argument("--measure-steps", type=nonneg_int, default=2, help="steps timed on this machine (0: none)")
+    b.add_argument("--measure-scale", type=positive_float, default=1 / 16,
+                   help="length scale of the timed steps")
+    b.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON here")
     b.set_defaults(fn=_cmd)

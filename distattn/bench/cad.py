@@ -79,6 +79,21 @@ class CadBenchSpec:
     seed: int = 0
 
     def __post_init__(self):
+        from distattn.config import ConfigError
+        for name in ("world", "tokens_per_rank", "heads", "kv_heads", "head_dim", "iters", "plan_world",
+                     "plan_batches", "min_shard", "model_heads", "model_kv_heads", "model_head_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"bench cad {name}={v!r}: expected an integer >= 1")
+        for name in ("servers", "warmup"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"bench cad {name}={v!r}: expected an integer >= 0")
+        if not self.length_scale > 0 or not self.tolerance >= 0:
+            raise ConfigError(f"bench cad length_scale={self.length_scale!r} must be > 0 and "
+                              f"tolerance={self.tolerance!r} >= 0")
+        if not self.plan_tokens or any(not isinstance(t, int) or t < 1 for t in self.plan_tokens):
+            raise ConfigError(f"bench cad plan_tokens={self.plan_tokens!r}: expected positive integers")
         bad = [d for d in self.dists if d not in DISTS]
         if bad:
             raise ValueError(f"bench cad dists must be among {DISTS}, got {bad}")

@@ -1,10 +1,35 @@
 """`distattn bench attention | linear | hetero | cad | balance`: argument parsing and commands."""
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import asdict
 
-from distattn.cli_args import HelpFormatter, add_config_args, int_list, load, write_json
+from distattn.cli_args import (HelpFormatter, UsageError, add_config_args, choice_list, int_list, load, nonneg_float,
+                               nonneg_int, positive_float, positive_int, write_json)
+
+# the names each benchmark accepts (kept here so parsing needs no torch import)
+LINEAR_BENCH_SCHEMES = ("lasp2", "lasp1", "ring", "allgather")
+CAD_DISTS = ("stdlib", "lognormal")
+CAD_MODES = ("packing", "per-doc CP", "cad colocated", "cad colocated+pingpong", "cad dedicated")
+
+
+def decay(text: str) -> float:
+    """A per-head decay lambda in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a decay in (0, 1], got {text!r}")
+    return value
+
+
+def token_cost(text: str) -> float | None:
+    """'auto' (None: fit to this machine) or a number of pairs >= 0."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return nonneg_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}") from None
 
 
 def cmd_bench_attention(args) -> int:
@@ -31,12 +56,11 @@ def cmd_bench_linear(args) -> int:
     try:
         spec = LinearBenchSpec(lengths=args.lengths, worlds=args.worlds, heads=b.heads,
                                kv_heads=b.kv_heads, head_dim=b.head_dim, dtype=b.dtype,
-                               schemes=[s for s in args.schemes.split(",") if s], decay=args.decay,
+                               schemes=args.schemes, decay=args.decay,
                                block=args.block, iters=b.iters, warmup=b.warmup,
                                softmax_max_len=args.softmax_max_len or None)
     except ValueError as e:
-        print(f"distattn: bench linear: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"linear: {e}") from None
     rows = run_linear_bench(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(rows, spec))
     write_json(args.json, {"spec": asdict(spec), "rows": rows_as_dicts(rows)})
@@ -57,8 +81,7 @@ def cmd_bench_hetero(args) -> int:
     try:
         spec.scheme("hetero").validate(heads=b.heads, kv_heads=b.kv_heads, world=b.world_size)
     except ValueError as e:
-        print(f"distattn: bench hetero: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"hetero: {e}") from None
     rows = run_hetero_bench(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(rows, spec))
     write_json(args.json, {"spec": asdict(spec), "rows": rows_as_dicts(rows)})
@@ -68,19 +91,21 @@ def cmd_bench_hetero(args) -> int:
 def cmd_bench_cad(args) -> int:
     from distattn.bench.cad import CadBenchSpec, format_measured, format_planner, run_cad_bench
 
+    if args.heads % args.kv_heads:
+        raise UsageError(f"cad: --heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}; "
+                         f"pick --kv-heads among {_divisors(args.heads)}")
     cfg = load(args)
     b = cfg.bench
     try:
         spec = CadBenchSpec(
-            dists=[d for d in args.dists.split(",") if d], world=args.world, servers=args.servers,
+            dists=args.dists, world=args.world, servers=args.servers,
             tokens_per_rank=args.tokens_per_rank, length_scale=args.length_scale, heads=args.heads,
             kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=b.dtype, iters=b.iters,
-            warmup=b.warmup, modes=[m for m in args.modes.split(",") if m], plan_world=args.plan_world,
+            warmup=b.warmup, modes=args.modes, plan_world=args.plan_world,
             plan_tokens=args.plan_tokens, plan_batches=args.plan_batches, tolerance=args.tolerance,
-            min_shard=args.min_shard, token_cost=None if args.token_cost == "auto" else float(args.token_cost))
+            min_shard=args.min_shard, token_cost=args.token_cost)
     except ValueError as e:
-        print(f"distattn: bench cad: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"cad: {e}") from None
     res = run_cad_bench(spec, planner=not args.no_planner, measured=not args.no_measured,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     from distattn.bench.cad import PlanRow, RunRow
@@ -92,65 +117,74 @@ def cmd_bench_cad(args) -> int:
     return 0
 
 
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks", formatter_class=HelpFormatter)
-    bsub = bench.add_subparsers(dest="what", required=True)
-    ba = bsub.add_parser("attention", help="softmax CP schemes side by side (fwd+bwd) on local ranks")
+    bsub = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+    ba = bsub.add_parser("attention", help="softmax CP schemes side by side (fwd+bwd) on local ranks",
+                         formatter_class=HelpFormatter)
     add_config_args(ba)
     ba.add_argument("--peers", action="store_true",
                     help="also run DeepSpeed-Ulysses and a non-balanced ring in the same job")
-    ba.add_argument("--json", default=None, help="also write the results as JSON here")
+    ba.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     ba.set_defaults(fn=cmd_bench_attention)
     bl = bsub.add_parser("linear", help="linear attention (lasp2, lasp1) next to softmax (ring, "
-                                        "allgather), fwd+bwd, over lengths and world sizes")
+                                        "allgather), fwd+bwd, over lengths and world sizes",
+                         formatter_class=HelpFormatter)
     add_config_args(bl)
-    bl.add_argument("--lengths", type=int_list, default=[4096, 8192, 16384],
-                    help="comma-separated sequence lengths (default 4096,8192,16384)")
-    bl.add_argument("--worlds", type=int_list, default=[2, 4],
-                    help="comma-separated world sizes (default 2,4)")
-    bl.add_argument("--schemes", default="lasp2,lasp1,ring,allgather",
-                    help="comma-separated schemes among lasp2, lasp1, ring, allgather")
-    bl.add_argument("--decay", type=float, default=None, help="per-head decay lambda in (0, 1]")
-    bl.add_argument("--block", type=int, default=64, help="linear kernel block size (tokens)")
-    bl.add_argument("--softmax-max-len", type=int, default=16384,
+    bl.add_argument("--lengths", type=int_list, default="4096,8192,16384", metavar="N1,N2,...",
+                    help="comma-separated sequence lengths")
+    bl.add_argument("--worlds", type=int_list, default="2,4", metavar="W1,W2,...",
+                    help="comma-separated world sizes")
+    bl.add_argument("--schemes", type=choice_list(LINEAR_BENCH_SCHEMES), default="lasp2,lasp1,ring,allgather",
+                    metavar="S1,S2,...", help=f"comma-separated schemes among {', '.join(LINEAR_BENCH_SCHEMES)}")
+    bl.add_argument("--decay", type=decay, default=None,
+                    help="per-head decay lambda in (0, 1] (default: none, plain linear attention)")
+    bl.add_argument("--block", type=positive_int, default=64, help="linear kernel block size (tokens)")
+    bl.add_argument("--softmax-max-len", type=nonneg_int, default=16384,
                     help="skip softmax schemes above this length (0: never skip)")
-    bl.add_argument("--json", default=None, help="also write the results as JSON here")
+    bl.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     bl.set_defaults(fn=cmd_bench_linear)
     bh = bsub.add_parser("hetero", help="heterogeneous per-head shards (hetero) vs dense ring, fwd+bwd, "
-                                        "over lengths: speed-up and bytes ratio")
+                                        "over lengths: speed-up and bytes ratio", formatter_class=HelpFormatter)
     add_config_args(bh)
-    bh.add_argument("--lengths", type=int_list, default=[2048, 4096, 8192],
-                    help="comma-separated sequence lengths (default 2048,4096,8192)")
-    bh.add_argument("--json", default=None, help="also write the results as JSON here")
+    bh.add_argument("--lengths", type=int_list, default="2048,4096,8192", metavar="N1,N2,...",
+                    help="comma-separated sequence lengths")
+    bh.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     bh.set_defaults(fn=cmd_bench_hetero)
     bc = bsub.add_parser("cad", help="core attention disaggregation vs packing and per-document CP on "
-                                     "long-tailed document lengths (planner figures + measured fwd+bwd)")
+                                     "long-tailed document lengths (planner figures + measured fwd+bwd)",
+                         formatter_class=HelpFormatter)
     add_config_args(bc)
-    bc.add_argument("--dists", default="stdlib,lognormal",
+    bc.add_argument("--dists", type=choice_list(CAD_DISTS), default="stdlib,lognormal", metavar="D1,D2",
                     help="length distributions: stdlib (Python stdlib file sizes), lognormal")
-    bc.add_argument("--world", type=int, default=4, help="token-owning ranks of the measured run")
-    bc.add_argument("--servers", type=int, default=0,
+    bc.add_argument("--world", type=positive_int, default=4, help="token-owning ranks of the measured run")
+    bc.add_argument("--servers", type=nonneg_int, default=0,
                     help="dedicated attention servers of 'cad dedicated' (0: as many as --world)")
-    bc.add_argument("--tokens-per-rank", type=int, default=8192, help="measured run: tokens per rank")
-    bc.add_argument("--length-scale", type=float, default=1 / 8,
+    bc.add_argument("--tokens-per-rank", type=positive_int, default=8192, help="measured run: tokens per rank")
+    bc.add_argument("--length-scale", type=positive_float, default=1 / 8,
                     help="measured run: document lengths are multiplied by this")
-    bc.add_argument("--heads", type=int, default=4)
-    bc.add_argument("--kv-heads", type=int, default=2)
-    bc.add_argument("--head-dim", type=int, default=32)
-    bc.add_argument("--modes", default="packing,per-doc CP,cad colocated,cad colocated+pingpong,"
-                                       "cad dedicated", help="comma-separated regimes to measure")
-    bc.add_argument("--plan-world", type=int, default=8, help="planner figures: ranks")
-    bc.add_argument("--plan-tokens", type=int_list, default=[65536, 131072, 262144, 524288],
+    bc.add_argument("--heads", type=positive_int, default=4, help="measured run: attention heads")
+    bc.add_argument("--kv-heads", type=positive_int, default=2,
+                    help="measured run: KV heads (must divide --heads)")
+    bc.add_argument("--head-dim", type=positive_int, default=32, help="measured run: head dimension")
+    bc.add_argument("--modes", type=choice_list(CAD_MODES), default=",".join(CAD_MODES), metavar="M1,M2,...",
+                    help="comma-separated regimes to measure")
+    bc.add_argument("--plan-world", type=positive_int, default=8, help="planner figures: ranks")
+    bc.add_argument("--plan-tokens", type=int_list, default="65536,131072,262144,524288", metavar="T1,T2,...",
                     help="planner figures: tokens per rank (comma-separated)")
-    bc.add_argument("--plan-batches", type=int, default=5, help="planner figures: batches per row")
-    bc.add_argument("--tolerance", type=float, default=0.02, help="CAD planner tolerance")
-    bc.add_argument("--min-shard", type=int, default=128, help="CAD planner minimum shard (tokens)")
-    bc.add_argument("--token-cost", default="auto",
+    bc.add_argument("--plan-batches", type=positive_int, default=5, help="planner figures: batches per row")
+    bc.add_argument("--tolerance", type=nonneg_float, default=0.02, help="CAD planner tolerance")
+    bc.add_argument("--min-shard", type=positive_int, default=128, help="CAD planner minimum shard (tokens)")
+    bc.add_argument("--token-cost", type=token_cost, default="auto",
                     help="measured run: CAD planner cost per query token in pairs, or 'auto' to fit "
                          "it to this machine's kernel (planner figures use 0)")
     bc.add_argument("--no-planner", action="store_true", help="skip the planner figures")
     bc.add_argument("--no-measured", action="store_true", help="skip the measured run")
-    bc.add_argument("--json", default=None, help="also write the results as JSON here")
+    bc.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     bc.set_defaults(fn=cmd_bench_cad)
     from distattn.bench.balance import add_parser as add_bench_balance
     add_bench_balance(bsub)
