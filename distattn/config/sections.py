@@ -123,6 +123,9 @@ class ModelConfig(_Section):
     recompute: Literal["none", "selective", "full"] = "none"
     # GPU runs: keep saved activations in pinned host memory (CPU runs: a logged no-op)
     offload_activations: bool = False
+    # long context: run each MLP over tiles of this many local tokens, recomputed in the backward
+    # (0: untiled), so [T, ffn] never exists whole
+    mlp_tile: NonNegInt = 0
 
     @property
     def head_dim(self) -> int:

@@ -95,4 +95,6 @@ def build_gpt(model_cfg, context: AttentionContext, max_sequence_length: int,
                      max_sequence_length=max_sequence_length, position_embedding_type="none",
                      pg_collection=pg_collection or single_rank_groups())
     from distattn.model.recompute import apply_recompute
+    from distattn.model.tiled_mlp import apply_tiled_mlp
+    apply_tiled_mlp(model, getattr(model_cfg, "mlp_tile", 0))
     return apply_recompute(model, getattr(model_cfg, "recompute", "none"))
