@@ -10,45 +10,80 @@ from pathlib import Path
 
 DEFAULT_SCHEMES = "ring,ring-basic,allgather,ulysses,usp:8,lasp2,lasp1"
 ALIASES = {"ring@contiguous": "ring-basic", "ring@zigzag": "ring"}
+MAX_GPUS = 8192  # the ring model builds W x W step tables: beyond this, minutes and gigabytes
+
+
+def gpu_count(text: str) -> int:
+    """GPUs of one projection: an integer in [1, MAX_GPUS]."""
+    from distattn.cli_args import positive_int
+    n = positive_int(text)
+    if n > MAX_GPUS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_GPUS} GPUs, got {text!r}")
+    return n
+
+
+def gpu_list(text: str) -> list[int]:
+    """Comma-separated GPU counts, each in [1, MAX_GPUS]."""
+    from distattn.cli_args import int_list
+    vals = int_list(text)
+    if max(vals) > MAX_GPUS:
+        raise argparse.ArgumentTypeError(f"expected GPU counts of at most {MAX_GPUS}, got {text!r}")
+    return vals
+
+
+def sim_scheme_list(text: str) -> list[str]:
+    """Comma-separated simulator schemes: the model's names, their NAME@LAYOUT aliases, or usp:U."""
+    from distattn.cli_args import choice_list
+    from distattn.sim.model import SIM_SCHEMES
+    return choice_list(SIM_SCHEMES + tuple(ALIASES) + ("usp:U",), accept=_is_usp)(text)
+
+
+def _is_usp(name: str) -> bool:
+    base, _, deg = name.partition(":")
+    return base == "usp" and deg.isdigit() and int(deg) >= 1
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from distattn.cli_args import int_list as _int_list  # the shared comma-separated positive-integer parser
+    from distattn.cli_args import HelpFormatter, nonneg_float, positive_int
     from distattn.sim.cluster import PRESETS
     from distattn.sim.training import MODELS
 
-    p = sub.add_parser("simulate", help="project the schemes to 8-1024 GPUs with an alpha-beta cluster model "
-                                        "(same traffic formulas as the code); --validate checks it against "
-                                        "published results")
-    p.add_argument("--gpus", type=int, default=64, help="context-parallel GPUs (default 64)")
-    p.add_argument("--seq", type=int, default=None,
-                   help="sequence length in tokens (default 131072 per layer table, or --tokens-per-gpu x GPUs)")
-    p.add_argument("--tokens-per-gpu", type=int, default=None,
+    p = sub.add_parser("simulate", formatter_class=HelpFormatter,
+                       help="project the schemes to 8-1024 GPUs with an alpha-beta cluster model "
+                            "(same traffic formulas as the code); --validate checks it against "
+                            "published results")
+    p.add_argument("--gpus", type=gpu_count, default=64, help=f"context-parallel GPUs, 1 to {MAX_GPUS}")
+    p.add_argument("--seq", type=positive_int, default=None,
+                   help="sequence length in tokens, at least one per GPU (default: 131072, or "
+                        "--tokens-per-gpu x GPUs)")
+    p.add_argument("--tokens-per-gpu", type=positive_int, default=None,
                    help="weak scaling: sequence = this x GPUs (overrides --seq)")
-    p.add_argument("--cluster", default="h100", choices=sorted(PRESETS), help="cluster preset (default h100)")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--cluster", default="h100", choices=sorted(PRESETS), help="cluster preset")
+    p.add_argument("--heads", type=positive_int, default=32, help="attention (query) heads")
+    p.add_argument("--kv-heads", type=positive_int, default=8, help="KV heads; must divide --heads")
+    p.add_argument("--head-dim", type=positive_int, default=128, help="head dimension")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="element type of q, k, v")
     p.add_argument("--model", default=None, choices=sorted(MODELS),
                    help="project a whole training step of this model (tokens/s, memory, max context) "
                         "instead of one attention layer")
-    p.add_argument("--schemes", default=DEFAULT_SCHEMES,
-                   help=f"comma-separated (default {DEFAULT_SCHEMES}); ring-basic = ring on the contiguous "
-                        f"layout; usp:U = ulysses U x ring; ring-linear = the K/V ring on linear attention")
+    p.add_argument("--schemes", type=sim_scheme_list, default=DEFAULT_SCHEMES, metavar="S1,S2,...",
+                   help="comma-separated; ring-basic = ring on the contiguous layout; usp:U = ulysses U x "
+                        "ring; ring-linear = the K/V ring on linear attention")
     p.add_argument("--zero", type=int, choices=(0, 1, 2), default=2,
-                   help="--model: ZeRO stage over the GPUs for optimizer state / gradients (default 2)")
+                   help="--model: ZeRO stage over the GPUs for optimizer state / gradients")
     p.add_argument("--no-recompute", action="store_true",
                    help="--model: keep all activations (default: full activation recomputation)")
-    p.add_argument("--overhead", type=float, default=0.0,
-                   help="--model: framework overhead per step in seconds (default 0)")
+    p.add_argument("--overhead", type=nonneg_float, default=0.0,
+                   help="--model: framework overhead per step in seconds")
     p.add_argument("--calibrate", default=None, metavar="JSON",
                    help="measured benchmark: `distattn bench attention --json` output, or a JSON with "
                         "attn_flops_per_s / matmul_flops_per_s / call_overhead_s")
-    p.add_argument("--scaling", type=_int_list, default=None, metavar="W1,W2,...",
+    p.add_argument("--scaling", type=gpu_list, default=None, metavar="W1,W2,...",
                    help="also project over these GPU counts (CSV + PNG)")
-    p.add_argument("--png", default=None, help="scaling plot path (default simulate_scaling.png in --out)")
-    p.add_argument("--out", default=None, help="write table.md, table.csv, table.json (and the scaling files) here")
+    p.add_argument("--png", default=None, metavar="PATH",
+                   help="scaling plot path (default: simulate_scaling.png in --out)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write table.md, table.csv, table.json (and the scaling files) here")
     p.add_argument("--validate", action="store_true",
                    help="compare with published relative results (ring zigzag vs basic, LASP-2 vs LASP-1 "
                         "and Ring Attention) and exit non-zero if a claimed comparison is off by > 15%%")
@@ -208,6 +243,24 @@ def _write(out: Path, stem: str, rows: list[dict], text: str) -> None:
         w.writerows(rows)
 
 
+def check_args(args) -> None:
+    """What argparse cannot see alone: options that must agree with each other."""
+    from distattn.cli_args import UsageError
+    if args.heads % args.kv_heads:
+        raise UsageError(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}; pick "
+                         f"--kv-heads among {', '.join(str(d) for d in range(1, args.heads + 1) if args.heads % d == 0)}")
+    if args.tokens_per_gpu is None:
+        seq = _seq(args, 1)
+        worlds = [args.gpus] + list(args.scaling or [])
+        if seq < max(worlds):
+            opt = f"--seq {args.seq}" if args.seq else f"the default sequence of {seq} tokens"
+            raise UsageError(f"{opt} is smaller than {max(worlds)} GPUs: every GPU needs at least one "
+                             f"token; use --seq >= {max(worlds)} or --tokens-per-gpu")
+    if args.calibrate and not Path(args.calibrate).is_file():
+        raise UsageError(f"--calibrate {args.calibrate}: no such file; pass the JSON of "
+                         f"`distattn bench attention --json PATH`")
+
+
 def cmd_simulate(args) -> int:
     if args.validate:
         from distattn.sim.validate import format_validation, table6_check, validate
@@ -219,12 +272,13 @@ def cmd_simulate(args) -> int:
             _write(Path(args.out), "validation", [r.as_dict() for r in rows], text)
         bad = [r for r in rows if not r.ok and not r.known_gap]
         return 1 if bad else 0
+    check_args(args)
     try:
         cluster, note = _cluster(args)
     except (ValueError, OSError, KeyError) as e:
         print(f"distattn simulate: --calibrate: {e}", file=sys.stderr)
         return 2
-    schemes = [ALIASES.get(s, s) for s in args.schemes.split(",") if s]
+    schemes = [ALIASES.get(s, s) for s in args.schemes]
     model = args.model is not None
     rowfn = model_rows if model else layer_rows
     rows = rowfn(args, cluster, args.gpus, schemes)

@@ -429,17 +429,48 @@ def attention_memory(name: str, w: AttnWorkload, world: int) -> float:
     raise ValueError(f"no memory model for scheme {name!r}")
 
 
+def check_workload(w: AttnWorkload, world: int) -> None:
+    """The workload and world size a model can run, else a ConfigError naming the field and value."""
+    from distattn.config import ConfigError
+    for key in ("seq", "heads", "kv_heads", "head_dim", "dtype_bytes", "linear_block"):
+        v = getattr(w, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{key}={v!r}: expected an integer >= 1")
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ConfigError(f"world={world!r}: expected an integer >= 1")
+    if w.heads % w.kv_heads:
+        raise ConfigError(f"heads={w.heads} is not a multiple of kv_heads={w.kv_heads}")
+    if w.seq < world:
+        raise ConfigError(f"seq={w.seq} is smaller than world={world}: every device needs a token")
+
+
 def layer_time(name: str, w: AttnWorkload, cluster: Cluster, world: int, **opts) -> LayerTime:
-    """Forward + backward of one attention layer of scheme ``name`` on ``world`` devices."""
-    if world < 1:
-        raise ValueError(f"world must be >= 1, got {world}")
+    """Forward + backward of one attention layer of scheme ``name`` on ``world`` devices.
+
+    Arguments no model can run (and shapes a scheme cannot split) raise ConfigError."""
+    from distattn.config import ConfigError
+    check_workload(w, world)
+    try:
+        return _layer_time(name, w, cluster, world, **opts)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a scheme refusing the shape: its message names the numbers
+        raise ConfigError(str(e)) from None
+
+
+def _layer_time(name: str, w: AttnWorkload, cluster: Cluster, world: int, **opts) -> LayerTime:
+    if not isinstance(name, str):
+        raise ValueError(f"scheme {name!r}: expected a name from {', '.join(SIM_SCHEMES)} or usp:U")
+    base, _, deg = name.partition(":")
+    if base == "usp" and deg and not (deg.isdigit() and int(deg) >= 1):
+        raise ValueError(f"scheme {name!r}: usp:U needs a ulysses degree U >= 1")
     if name in ("ring", "ring-basic"):
         return _ring(name, w, cluster, world)
     if name == "allgather":
         return _allgather(w, cluster, world)
     if name == "ulysses":
         return _ulysses(w, cluster, world)
-    if name.startswith("usp"):
+    if base == "usp":
         return _usp(name, w, cluster, world)
     if name == "lasp2":
         return _lasp2(w, cluster, world)

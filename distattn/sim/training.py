@@ -93,10 +93,26 @@ class StepTime:
         return asdict(self)
 
 
+def _check(seq, world, zero_stage) -> None:
+    from distattn.config import ConfigError
+    for key, v in (("seq", seq), ("world", world)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{key}={v!r}: expected an integer >= 1")
+    if seq < world:
+        raise ConfigError(f"seq={seq} is smaller than world={world}: every device needs a token")
+    if zero_stage not in (0, 1, 2):
+        raise ConfigError(f"zero_stage={zero_stage!r}: expected 0, 1 or 2")
+
+
 def step_time(model: ModelSpec, seq: int, world: int, cluster: Cluster, softmax_scheme: str = "ring",
               linear_scheme: str = "lasp2", step_overhead_s: float = 0.0,
               lasp1_sync_every_layer: bool = True, zero_stage: int = 0, recompute: bool = False) -> StepTime:
     """One training step of ``model`` on a sequence of ``seq`` tokens split over ``world`` devices."""
+    _check(seq, world, zero_stage)
+    if isinstance(step_overhead_s, bool) or not isinstance(step_overhead_s, (int, float)) \
+            or not 0 <= step_overhead_s < float("inf"):
+        from distattn.config import ConfigError
+        raise ConfigError(f"step_overhead_s={step_overhead_s!r}: expected a finite number >= 0")
     t_local = math.ceil(seq / world)
     mm = cluster.device.matmul_time
     dense_layer = mm(6.0 * model.layer_params * t_local, calls=21)
@@ -125,6 +141,7 @@ def step_time(model: ModelSpec, seq: int, world: int, cluster: Cluster, softmax_
 def step_memory(model: ModelSpec, seq: int, world: int, softmax_scheme: str = "ring",
                 linear_scheme: str = "lasp2", zero_stage: int = 0, recompute: bool = False) -> float:
     """Bytes per GPU: parameters with optimizer state, activations, the largest attention working set."""
+    _check(seq, world, zero_stage)
     t_local = math.ceil(seq / world)
     act = model.act_bytes_per_token if model.act_bytes_per_token is not None else 34 * model.hidden * 2
     attn = max(attention_memory(softmax_scheme if k == "N" else linear_scheme, model.attn(seq), world)
@@ -139,6 +156,10 @@ def step_memory(model: ModelSpec, seq: int, world: int, softmax_scheme: str = "r
 
 def max_context(model: ModelSpec, world: int, cluster: Cluster, granularity: int = 1024, **kw) -> int:
     """Largest sequence (multiple of ``granularity`` and of 2W) whose step fits device memory; 0 if none."""
+    _check(2 * world if isinstance(world, int) else world, world, kw.get("zero_stage", 0))
+    if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
+        from distattn.config import ConfigError
+        raise ConfigError(f"granularity={granularity!r}: expected an integer >= 1")
     g = max(granularity, 2 * world)
     g = math.lcm(g, 2 * world)
 
