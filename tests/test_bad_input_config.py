@@ -60,6 +60,7 @@ CASES = [
      ["STRICT_PACK", "launch.nodes"]),
     ("bench-scheme", [S, "bench.schemes=[ring,foo]"], ["bench.schemes[1]", "foo"]),
     ("no-such-file", ["nosuch.yaml"], ["nosuch.yaml", "no such config file"]),
+    ("model-preset-typo", [S, "model.preset=llama8b"], ["model.preset", "llama8b", "llama3_8b"]),
 ]
 if importlib.util.find_spec("wandb") is None:
     CASES.append(("logger-not-installed", [S, "train.logger=wandb"], ["train.logger", "wandb", "pip install wandb"]))
@@ -98,3 +99,15 @@ def test_derived_values_follow_the_overrides():
     assert res.code == 0, res.err
     assert "world_size: 4" in res.out and "output_dir: runs/exp1" in res.out
     assert "warmup_steps: 1" in res.out
+
+
+def test_model_presets_name_a_shape_and_keys_beside_them_win():
+    from distattn.config import load_config
+    cfg = load_config(None, ["model.preset=llama3_8b", "model.num_layers=4"])
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_query_groups, m.ffn_hidden_size, m.vocab_size) == \
+        (4, 4096, 8, 14336, 128256)
+    as_file = load_config("configs/models/llama3_70b.yaml", ["parallel.cp=8"])
+    assert as_file.model.num_layers == 80 and as_file.parallel.world_size == 8
+    assert load_config(None, ["model.preset=tiny"]).model == load_config(None).model.model_copy(
+        update={"preset": "tiny"})

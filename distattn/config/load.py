@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel
 
 from distattn.config.errors import ConfigError, _did_you_mean, _type_name
-from distattn.config.sections import DEFAULT_CONFIG_PATH, Config
+from distattn.config.sections import DEFAULT_CONFIG_PATH, MODEL_PRESETS_DIR, Config
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -124,6 +124,34 @@ def _attribute(problems: list[str], overrides: list[str], source: str | None) ->
     return out
 
 
+def model_presets() -> list[str]:
+    """The names of the model shapes in configs/models/."""
+    return sorted(p.stem for p in MODEL_PRESETS_DIR.glob("*.yaml"))
+
+
+def _expand_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """`model.preset: NAME|PATH` -> that file's model section, under the keys given beside it."""
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("preset") is None:
+        return data
+    name = model["preset"]
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"model.preset: expected a preset name or a YAML path, got {name!r}; "
+                          f"presets: {', '.join(model_presets())}")
+    path = MODEL_PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        path = Path(name)
+        if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+            raise ConfigError(f"model.preset: {name!r} is neither a preset nor a YAML file"
+                              f"{_did_you_mean(name, model_presets())}; presets: {', '.join(model_presets())}")
+    shape = _read_yaml(path).get("model")
+    if not isinstance(shape, dict):
+        raise ConfigError(f"model.preset={name}: {path} has no model section")
+    if "preset" in shape:
+        raise ConfigError(f"model.preset={name}: {path} names another preset; presets do not chain")
+    return {**data, "model": {**shape, **model}}
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Load a YAML job (None: the shipped default job), apply overrides, validate.
 
@@ -147,6 +175,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             data = _drop_defaults(data)
             source = "configs/default.yaml"
     data = apply_overrides(data, overrides)
+    try:
+        data = _expand_preset(data)
+    except ConfigError as err:
+        raise ConfigError(_attribute(err.problems, overrides, source)) from None
     try:
         return Config.model_validate(data)
     except ConfigError as err:

@@ -24,6 +24,7 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ENGINES = ("actors", "ray_train")
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent.parent / "configs" / "default.yaml"
+MODEL_PRESETS_DIR = DEFAULT_CONFIG_PATH.parent / "models"
 
 SchemeName = Literal[SCHEMES]
 LayoutName = Literal[LAYOUTS]
@@ -110,6 +111,7 @@ class RunConfig(_Section):
 
 class ModelConfig(_Section):
     section_key: ClassVar[str] = "model"
+    preset: str | None = None  # a shape from configs/models/ (or a YAML path); keys given here override it
     num_layers: PosInt = 2
     hidden_size: PosInt = 128
     num_attention_heads: PosInt = 8
