@@ -48,373 +48,20 @@ Skipped points bound the search from above like measured failures.
 from __future__ import annotations
 
 import csv
-import ctypes
 import json
 import math
-import statistics
 import sys
-import threading
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
-from distattn.bench.rss import peak_bytes, reset_peak, trim_heap
-from distattn.comm import Comm
 
-__all__ = ["SweepSpec", "Point", "load_sweep", "run_point_on_ranks", "run_sweep", "add_parser"]
+from distattn.sweep_point import _classify_failure, _Pools, _rank_point
+from distattn.sweep_report import format_max_context, format_points, plot_sweep, write_csv
+from distattn.sweep_spec import DTYPES, LINEAR, Point, SearchSpec, SweepSpec, load_sweep
 
-LINEAR = ("lasp2", "lasp1")
-DTYPES = ("fp32", "bf16")
-
-
-# ----------------------------------------------------------------------------- spec
-
-
-@dataclass
-class SearchSpec:
-    enabled: bool = True
-    start: int = 4096
-    max: int = 1 << 20
-    granularity: int = 1024
-
-
-@dataclass
-class SweepSpec:
-    name: str = "sweep"
-    out_dir: str = "runs/sweeps/latest"
-    schemes: list[str] = field(default_factory=lambda: ["ring", "allgather"])
-    lengths: list[int] = field(default_factory=lambda: [2048, 4096])
-    worlds: list[int] = field(default_factory=lambda: [2])
-    heads: int = 4
-    kv_heads: int = 2
-    head_dim: int = 32
-    dtype: str = "fp32"
-    causal: bool = True
-    iters: int = 2
-    warmup: int = 1
-    threads: int = 1
-    backend: str = "auto"  # auto | gloo | nccl
-    timeout_s: float = 600.0
-    memory_budget_mib: float | None = None
-    use_planner: bool = True  # skip points the planner rules out; seed the search with its longest context
-    plan_margin: float = 0.15  # skip only when predicted * (1 - plan_margin) > budget
-    search: SearchSpec = field(default_factory=SearchSpec)
-
-    def check(self) -> None:
-        problems = []
-        from distattn.schemes import scheme_names
-        known = set(scheme_names())
-        for s in self.schemes:
-            base = s.partition("@")[0].partition(":")[0]
-            if base not in known:
-                problems.append(f"schemes: {s!r} is not a scheme; choose from {', '.join(sorted(known))} "
-                                f"(usp:U for a ulysses degree, NAME@LAYOUT for a layout)")
-        for key in ("lengths", "worlds"):
-            vals = getattr(self, key)
-            if not vals or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in vals):
-                problems.append(f"{key}: expected a non-empty list of positive integers, got {vals!r}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.heads % self.kv_heads:
-            problems.append(f"heads={self.heads} is not divisible by kv_heads={self.kv_heads}")
-        if self.iters < 1 or self.warmup < 0:
-            problems.append("iters must be >= 1 and warmup >= 0")
-        if self.backend not in ("auto", "gloo", "nccl"):
-            problems.append(f"backend: {self.backend!r} is not one of auto, gloo, nccl")
-        if self.search.enabled and self.memory_budget_mib is None:
-            problems.append("search.enabled needs memory_budget_mib (the per-rank budget the search fits)")
-        if self.search.granularity < 1 or self.search.start < 1 or self.search.max < self.search.start:
-            problems.append("search: need granularity >= 1 and 1 <= start <= max")
-        if isinstance(self.plan_margin, bool) or not isinstance(self.plan_margin, (int, float)) \
-                or not 0 <= self.plan_margin < 1:
-            problems.append(f"plan_margin: {self.plan_margin!r} must be a number in [0, 1), the fraction "
-                            f"by which the planner may over-predict (0.15: skip a point only when 85% "
-                            f"of its prediction is over budget)")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-
-def load_sweep(path: str | Path, overrides: dict | None = None) -> SweepSpec:
-    """Read a sweep YAML (keys of :class:`SweepSpec`, ``search`` a nested mapping)."""
-    import yaml
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of sweep keys")
-    data.update(overrides or {})
-    search = data.pop("search", None) or {}
-    known = set(SweepSpec.__dataclass_fields__) - {"search"}
-    bad = sorted(set(data) - known)
-    if bad:
-        raise ValueError(f"{path}: unknown key(s) {bad}; valid keys are {sorted(known | {'search'})}")
-    sknown = set(SearchSpec.__dataclass_fields__)
-    sbad = sorted(set(search) - sknown)
-    if sbad:
-        raise ValueError(f"{path}: unknown search key(s) {sbad}; valid keys are {sorted(sknown)}")
-    spec = SweepSpec(**data, search=SearchSpec(**search))
-    spec.check()
-    return spec
-
-
-# ----------------------------------------------------------------------------- one point
-
-
-@dataclass
-class Point:
-    scheme: str
-    world: int
-    n_tokens: int
-    phase: str = "grid"  # grid | search
-    status: str = "ok"  # ok | oom | failed | timeout | invalid | skipped (by the planner)
-    step_s: float = math.nan
-    tokens_per_s: float = math.nan
-    compute_s: float = math.nan
-    bytes_sent: int = 0
-    exposed_s: float = math.nan
-    peak_mem_bytes: int = 0
-    predicted_mem_bytes: int | None = None  # the planner's peak (distattn.plan.attention); None: no model
-    peak_rss_bytes: int = 0
-    mem_source: str = ""
-    fits: bool | None = None
-    error: str = ""
-
-
-def _scheme(name: str):
-    """'ring', 'usp:2' (ulysses degree), 'ring@contiguous' (layout)."""
-    from distattn.plan.attention import build_scheme
-    return build_scheme(name)
-
-
-class _MemProbe:
-    """Peak memory of this process over a block (see the module docstring)."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-        self.source = ""
-
-    def start(self) -> None:
-        if self.cuda:
-            import torch
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            self.source = "cuda_allocator"
-            return
-        trim_heap()
-        self.base, self.source = reset_peak()
-
-    def peak(self) -> tuple[int, int]:
-        """(peak - base, absolute peak) in bytes."""
-        if self.cuda:
-            import torch
-            torch.cuda.synchronize()
-            p = torch.cuda.max_memory_allocated()
-            return max(0, p - self.base), p
-        p = peak_bytes(self.source)
-        return max(0, p - self.base), p
-
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_TRACK = {"mmap": 64 << 10, "trim": 0}            # every tensor mmapped, returned when freed
-_DEFAULT = {"mmap": 32 << 20, "trim": 64 << 20}   # glibc's dynamic thresholds at their ceiling
-
-
-def _malloc_tracks_tensors(on: bool) -> bool:
-    """Make freed tensors leave the resident set at once (on), or restore glibc's usual reuse.
-
-    glibc raises its mmap threshold after the first large free; from then on a
-    freed tensor stays in the heap and VmHWM reports the allocator's
-    high-water mark, which depends on allocation order and history (two ranks
-    running the same code differ by 20%). With the threshold pinned at 64 KiB
-    and trimming at once, the resident peak is the peak of live tensor bytes:
-    what the planner predicts and what a GPU allocator's peak reports. Every
-    allocation then pays fresh page faults, so timed passes run with the
-    thresholds at glibc's dynamic ceiling instead. False where there is no glibc.
-    """
-    vals = _TRACK if on else _DEFAULT
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, vals["mmap"])
-                    and libc.mallopt(_M_TRIM_THRESHOLD, vals["trim"]))
-    except (OSError, AttributeError):
-        return False
-
-
-_MEM_GROUP: list = []
-
-
-def _memory_group():
-    """A process group (over all ranks) used only by memory passes.
-
-    Gloo runs collectives on its own worker threads, whose glibc arenas keep
-    the free space that timed passes leave at their top (malloc_trim does not
-    return it for threads other than the main one); a memory pass on those
-    threads would reuse it without growing the resident set and be
-    under-counted. This group's threads only ever allocate with glibc returning
-    memory at once. Made on first use, by every rank in the same call.
-    """
-    import torch.distributed as dist
-    if not _MEM_GROUP:
-        _MEM_GROUP.append(dist.new_group(backend=dist.get_backend()))
-    return _MEM_GROUP[0]
-
-
-def _on_fresh_thread(fn: Callable[[], Any]) -> Any:
-    """fn() on a new thread, its exception re-raised here.
-
-    A new thread allocates from its own glibc arena, which the timed passes on
-    the main thread never filled. In the main arena, chunks those passes freed
-    would be reused before any new mapping and stay resident after their next
-    free, whatever the mmap threshold, so the peak would again be a
-    high-water mark rather than live bytes.
-    """
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
-            box["error"] = e
-
-    t = threading.Thread(target=run, name="distattn-memory-pass")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
-_WARM_TOKENS = 2048  # per rank: large enough for the kernels' largest tiles (>= 768 query rows)
-_WARM: set[str] = set()  # schemes this process has already run once (lazy one-time allocations done)
-
-
-def _rank_point(spec_dict: dict, scheme_name: str, n_tokens: int, _warming: bool = False) -> dict:
-    """Rank side of one point: make the local shard, time fwd+bwd, measure memory.
-
-    The first time a process runs a scheme it first runs a tiny point of it and
-    one of 2048 tokens per rank, so one-time allocations (thread pools, backend
-    buffers, lazily loaded kernels, and the code the CPU flash kernel generates
-    for its large bf16 tiles, ~2 MiB per tile shape) are resident before the
-    memory baseline is taken and are not charged to the point.
-    """
-    import torch
-    import torch.distributed as dist
-
-    import distattn
-    from distattn.comm import CommLedger
-
-    group = dist.group.WORLD
-    rank, world = dist.get_rank(), dist.get_world_size()
-    s = SweepSpec(**{k: v for k, v in spec_dict.items() if k != "search"})
-    cuda = torch.cuda.is_available() and dist.get_backend() == "nccl"
-    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[s.dtype]
-    try:
-        scheme = _scheme(scheme_name)
-        scheme.validate(heads=s.heads, kv_heads=s.kv_heads, world=world)
-        local = scheme.layout(n_tokens, world).size(rank)
-    except ValueError as e:
-        return {"status": "invalid", "error": str(e)}
-    linear = scheme.kind == "linear"
-    if not _warming and scheme_name not in _WARM:
-        for small in sorted({min(n_tokens, 64 * world), min(n_tokens, _WARM_TOKENS * world)}):
-            _rank_point({**spec_dict, "iters": 1, "warmup": 0}, scheme_name, small, _warming=True)
-        _WARM.add(scheme_name)
-    ledger = CommLedger()
-    scale = 0.3 if linear else 1.0  # keeps linear-attention sums (no normalisation) in range
-
-    def make_inputs():
-        g = torch.Generator(device=dev).manual_seed(1000 + rank)
-
-        def rnd(h):
-            return torch.randn(local, h, s.head_dim, generator=g, device=dev, dtype=torch.float32).to(dt)
-
-        return rnd(s.heads) * scale, rnd(s.kv_heads) * scale, rnd(s.kv_heads), rnd(s.heads)
-
-    def step(q, k, v, do, group=group):
-        a, b, c = (x.detach().requires_grad_(True) for x in (q, k, v))
-        if linear:
-            out = distattn.linear_attention(a, b, c, scheme=scheme, group=group, ledger=ledger,
-                                            n_tokens=n_tokens)
-        else:
-            out = distattn.attention(a, b, c, scheme=scheme, group=group, causal=s.causal, ledger=ledger,
-                                     n_tokens=n_tokens)
-        out.backward(do)
-        if cuda:
-            torch.cuda.synchronize()
-
-    probe = _MemProbe(cuda)
-
-    def memory_pass():
-        """The inputs and one untimed fwd+bwd under the probe, glibc returning freed memory."""
-        tracking = not cuda and _malloc_tracks_tensors(True)
-        try:
-            probe.start()
-            x = make_inputs()
-            step(*x, group=group if cuda else _memory_group())
-            return x, probe.peak()
-        finally:
-            if tracking:
-                _malloc_tracks_tensors(False)
-
-    inputs, (mem, peak) = memory_pass() if cuda else _on_fresh_thread(memory_pass)
-    for _ in range(s.warmup):
-        step(*inputs)
-    ledger.reset()
-    walls, cpus = [], []
-    for _ in range(s.iters):
-        Comm(group).barrier()
-        c0, w0 = time.thread_time(), time.perf_counter()
-        step(*inputs)
-        cpus.append(time.thread_time() - c0)
-        walls.append(time.perf_counter() - w0)
-    if cuda:  # the allocator's peak covers the timed passes too
-        mem, peak = probe.peak()
-    tot = ledger.totals()
-    return {"status": "ok", "step_s": statistics.median(walls), "compute_s": statistics.median(cpus),
-            "bytes_sent": tot.bytes_sent // s.iters, "exposed_s": tot.exposed_s / s.iters,
-            "peak_mem_bytes": mem, "peak_rss_bytes": peak, "mem_source": probe.source}
-
-
-def _classify_failure(msg: str) -> str:
-    low = msg.lower()
-    if any(t in low for t in ("out of memory", "memoryerror", "can't allocate", "cannot allocate",
-                              "bad_alloc", "exit codes [-9]", "exit codes [137]")):
-        return "oom"
-    if "timed out" in low or "timeout" in low:
-        return "timeout"
-    return "failed"
-
-
-class _Pools:
-    """One RankPool per world size, replaced after a failure."""
-
-    def __init__(self, spec: SweepSpec):
-        self.spec = spec
-        self.pools: dict[int, Any] = {}
-
-    def backend(self) -> str:
-        import torch
-        if self.spec.backend != "auto":
-            return self.spec.backend
-        return "nccl" if torch.cuda.is_available() else "gloo"
-
-    def get(self, world: int):
-        from distattn.multiproc import RankPool
-        p = self.pools.get(world)
-        if p is None or not p.alive:
-            p = self.pools[world] = RankPool(world, backend=self.backend(), threads=self.spec.threads)
-        return p
-
-    def drop(self, world: int) -> None:
-        p = self.pools.pop(world, None)
-        if p is not None:
-            p.close(force=True)
-
-    def close(self) -> None:
-        for p in self.pools.values():
-            p.close()
-        self.pools.clear()
+__all__ = ["SweepSpec", "SearchSpec", "Point", "load_sweep", "run_point_on_ranks", "run_sweep", "add_parser",
+           "max_context_search", "planner_skip", "planned_longest", "format_points", "format_max_context",
+           "write_csv", "plot_sweep", "DTYPES", "LINEAR", "_Pools", "_classify_failure", "_rank_point"]
 
 
 # ----------------------------------------------------------------------------- planner
@@ -605,124 +252,6 @@ def max_context_search(spec: SweepSpec, scheme: str, world: int, known: list[Poi
             "planned_tokens": seed, "budget_mib": spec.memory_budget_mib}
 
 
-# ----------------------------------------------------------------------------- outputs
-
-
-_COLS = [f for f in Point.__dataclass_fields__]
-
-
-def write_csv(path: Path, points: list[Point]) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(_COLS)
-        for p in points:
-            w.writerow([getattr(p, c) for c in _COLS])
-
-
-def plot_sweep(points: list[Point], out: Path, spec: SweepSpec) -> dict[str, Path]:
-    """throughput.png (wall-clock and critical-path-compute tokens/s) and memory.png vs N.
-
-    One line per scheme, one column of panels per world size; failed points
-    are marked by dotted vertical lines.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    worlds = sorted({p.world for p in points})
-    schemes = list(dict.fromkeys(p.scheme for p in points))
-    colors = {s: f"C{i}" for i, s in enumerate(schemes)}
-    panels = {
-        "throughput": [("tokens_per_s", "tokens/s, wall clock"),
-                       ("cpu_tokens_per_s", "tokens/s, critical-path compute")],
-        "memory": [("peak_mem_bytes", "peak memory per rank (MiB; dashed: planner)")],
-    }
-    paths = {}
-    for what, rows in panels.items():
-        fig, axes = plt.subplots(len(rows), len(worlds), figsize=(max(6.5, 4.0 * len(worlds) + 1.0),
-                                                                  0.9 + 2.7 * len(rows)),
-                                 squeeze=False, sharex=True)
-        for col, w in enumerate(worlds):
-            for row, (key, ylabel) in enumerate(rows):
-                ax = axes[row][col]
-                for s in schemes:
-                    pts = sorted((p for p in points if p.scheme == s and p.world == w and p.status == "ok"),
-                                 key=lambda p: p.n_tokens)
-                    if not pts:
-                        continue
-                    if key == "cpu_tokens_per_s":
-                        ys = [p.n_tokens / p.compute_s if p.compute_s > 0 else math.nan for p in pts]
-                    elif key == "peak_mem_bytes":
-                        ys = [p.peak_mem_bytes / 2**20 for p in pts]
-                    else:
-                        ys = [getattr(p, key) for p in pts]
-                    ax.plot([p.n_tokens for p in pts], ys, marker="o", ms=3, color=colors[s], label=s)
-                    if key == "peak_mem_bytes":
-                        _plot_predicted(ax, points, s, w, colors[s])
-                    for p in points:
-                        if p.scheme == s and p.world == w and p.status != "ok":
-                            ax.axvline(p.n_tokens, color=colors[s], lw=0.6, ls=":")
-                if key == "peak_mem_bytes" and spec.memory_budget_mib:
-                    ax.axhline(spec.memory_budget_mib, color="red", lw=0.8, ls="--", label="budget")
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.tick_params(labelsize=7)
-                ax.grid(alpha=0.3, which="both")
-                if col == 0:
-                    ax.set_ylabel(ylabel, fontsize=8)
-                if row == 0:
-                    ax.set_title(f"W = {w}", fontsize=9)
-                if row == len(rows) - 1:
-                    ax.set_xlabel("context length N (tokens)", fontsize=8)
-        if axes[0][-1].get_legend_handles_labels()[0]:
-            axes[0][-1].legend(fontsize=7)
-        fig.suptitle(f"{spec.name}: {what} vs N\n{spec.heads}/{spec.kv_heads} heads x {spec.head_dim}, "
-                     f"{spec.dtype}, one attention layer fwd+bwd", fontsize=9)
-        fig.tight_layout()
-        path = out / f"{what}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths[what] = path
-    return paths
-
-
-def _plot_predicted(ax, points: list[Point], scheme: str, world: int, color: str) -> None:
-    """The planner's prediction as a dashed line under the measured one, skipped points included."""
-    pred = sorted({p.n_tokens: p.predicted_mem_bytes for p in points
-                   if p.scheme == scheme and p.world == world and p.predicted_mem_bytes}.items())
-    if pred:
-        ax.plot([n for n, _ in pred], [b / 2**20 for _, b in pred], ls="--", lw=0.8, color=color)
-
-
-def format_points(points: list[Point]) -> str:
-    """One row per point; peak MiB is measured, pred MiB the planner's (meas/pred their ratio)."""
-    lines = ["| scheme | W | N | phase | status | step ms | tokens/s | compute ms | MiB sent | exposed ms "
-             "| peak MiB | pred MiB | meas/pred | fits |",
-             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for p in points:
-        f = (lambda x, nd=1: "n/a" if x != x else f"{x:.{nd}f}")
-        ok = p.status == "ok"
-        pred = p.predicted_mem_bytes
-        ratio = f"{p.peak_mem_bytes / pred:.2f}" if ok and pred else "-"
-        lines.append(f"| {p.scheme} | {p.world} | {p.n_tokens} | {p.phase} | {p.status} | {f(p.step_s * 1e3)} | "
-                     f"{f(p.tokens_per_s, 0)} | {f(p.compute_s * 1e3)} | {p.bytes_sent / 2**20:.2f} | "
-                     f"{f(p.exposed_s * 1e3)} | {f'{p.peak_mem_bytes / 2**20:.1f}' if ok else '-'} | "
-                     f"{'n/a' if pred is None else f'{pred / 2**20:.1f}'} | {ratio} | "
-                     f"{'' if p.fits is None else ('yes' if p.fits else 'no')} |")
-    return "\n".join(lines)
-
-
-def format_max_context(rows: list[dict]) -> str:
-    lines = ["| scheme | W | max N within budget | planner's max N | first N that did not fit | why |",
-             "|---|---:|---:|---:|---:|---|"]
-    for r in rows:
-        planned = r.get("planned_tokens")
-        lines.append(f"| {r['scheme']} | {r['world']} | {r['max_tokens'] or 'none'} | "
-                     f"{'-' if planned is None else planned} | "
-                     f"{r['first_failing'] if r['first_failing'] is not None else '-'} | {r['limit']} |")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- driver
 
 
@@ -823,10 +352,15 @@ class _Progress:
 
 
 def add_parser(sub):
-    p = sub.add_parser("sweep", help="context-length scaling: schemes x lengths x world sizes; CSV, "
-                                     "throughput and memory plots, maximum context under a memory budget")
-    p.add_argument("sweep", help="sweep YAML (see configs/sweeps/example.yaml)")
-    p.add_argument("--out", default=None, help="output directory (default: the YAML's out_dir)")
+    from distattn.cli_args import HelpFormatter
+    p = sub.add_parser("sweep", formatter_class=HelpFormatter,
+                       help="context-length scaling: schemes x lengths x world sizes; CSV, throughput and "
+                            "memory plots, maximum context under a memory budget")
+    p.add_argument("sweep", metavar="SWEEP", help="sweep YAML (see configs/sweeps/example.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the sweep YAML, e.g. --set lengths=[2048,4096] or "
+                        "--set search.max=65536 (repeatable)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: the YAML's out_dir)")
     p.add_argument("--no-search", action="store_true", help="skip the maximum-context search")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_sweep)
@@ -834,14 +368,11 @@ def add_parser(sub):
 
 
 def cmd_sweep(args) -> int:
+    """Everything is checked (file, keys, overrides) before any rank starts; ConfigError exits 2."""
     over: dict[str, Any] = {}
     if args.out:
         over["out_dir"] = args.out
-    try:
-        spec = load_sweep(args.sweep, over)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"distattn sweep: {e}", file=sys.stderr)
-        return 2
+    spec = load_sweep(args.sweep, over, sets=args.overrides)
     if args.no_search:
         spec.search.enabled = False
     res = run_sweep(spec, progress=not args.no_progress,

@@ -156,3 +156,16 @@ def test_planner_seeded_sweep_search_matches_the_doubling_search(tmp_path):
     (seeded, n_seeded), (plain, n_plain) = found[True], found[False]
     assert abs(seeded - plain) <= 256 and 3000 < plain < 4600       # ~3 KiB per token for this shape
     assert n_seeded <= n_plain
+
+
+def test_set_overrides_sweep_keys_and_names_itself_in_errors():
+    from distattn.config import ConfigError
+    example = ROOT / "configs" / "sweeps" / "example.yaml"
+    spec = load_sweep(example, sets=["lengths=[1024, 2048]", "search.max=8192", "use_planner=false"])
+    assert spec.lengths == [1024, 2048] and spec.search.max == 8192 and spec.use_planner is False
+    assert spec.search.granularity == 1024                        # the file's other search keys stay
+    with pytest.raises(ConfigError, match=r"--set kv_heads=3: kv_heads: heads=4 is not divisible"):
+        load_sweep(example, sets=["kv_heads=3"])
+    with pytest.raises(ConfigError, match=r"--set search.strat=1: unknown key 'search.strat' "
+                                          r"\(did you mean 'search.start'\?\)"):
+        load_sweep(example, sets=["search.strat=1"])

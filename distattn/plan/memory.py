@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 
 from distattn.config import ConfigError
 from distattn.config.sections import SCHEMES
-from distattn.plan.cli import add_memory_parser as add_parser  # the command; distattn.cli imports it here
+from distattn.plan.cli import add_memory_parser as add_parser  # noqa: F401  (distattn.cli imports it here)
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
