@@ -131,8 +131,26 @@ def test_analyze_cli_reads_existing_traces(tmp_path, capsys):
     assert main(["profile", "--analyze", str(traces), "--out", str(tmp_path / "out")]) == 0
     text = capsys.readouterr().out
     assert "| trace | 0 |" in text and "| trace | 1 |" in text
+    assert "n/a (no ledger)" in text and "DIFFERS" not in text       # no ledger: not a disagreement
+    assert "| trace | all_gather | 1 |" in text                      # calls counted from the trace
     assert (tmp_path / "out" / "timeline_trace.png").is_file()
     assert main(["profile", "--analyze", str(tmp_path / "missing")]) == 2
+    # the runner's layout traces/<scheme>/rank<r>.json names the scheme
+    runner = tmp_path / "run" / "traces" / "ulysses"
+    runner.mkdir(parents=True)
+    for f in traces.iterdir():
+        (runner / f.name).write_text(f.read_text())
+    assert main(["profile", "--analyze", str(runner.parent), "--out", str(tmp_path / "out2")]) == 0
+    text = capsys.readouterr().out
+    assert "| ulysses | 0 |" in text and "| ulysses | 1 |" in text and "timeline_ulysses.png" in text
+
+
+def test_kineto_records_are_stripped_and_lines_ended():
+    from distattn.profile.native_log import strip_kineto
+    rec = "USDT:2026-12-02 09:23:24 5564:5564 SyncActivityProfilerHandler.cpp:52] profiler_start"
+    stage = "STAGE:2026-12-02 09:23:24 5564:5564 SyncActivityProfilerHandler.cpp:60] Completed Stage: Collection"
+    assert strip_kineto(f"{rec}{rec}a warning\n{stage}\nlast") == "a warning\nlast\n"
+    assert strip_kineto(rec + "\n" + stage) == ""
 
 
 # ----------------------------------------------------------------------------- labels

@@ -43,6 +43,7 @@ class RankRow:
     bytes_sent: int
     compute_by_kind_ms: dict[str, float] = field(default_factory=dict)
     ops: dict[str, dict[str, float]] = field(default_factory=dict)  # op -> trace/ledger calls and ms
+    has_ledger: bool = True  # False for traces analysed alone (--analyze): ledger columns are n/a
 
 
 @dataclass
@@ -55,7 +56,7 @@ class SchemeSummary:
     overlap: float  # 1 - sum exposed / sum comm
     overlap_min: float  # worst rank
     bytes_sent: int  # max over ranks
-    ledger_agrees: bool  # every rank: call counts equal, blocked time within tolerance
+    ledger_agrees: bool | None  # every rank: call counts equal, blocked time within tolerance; None: no ledger
 
 
 def _ms(s: float) -> float:
@@ -66,7 +67,8 @@ def build_rows(scheme: str, analyses: Sequence[RankAnalysis], ledgers: Sequence[
     """One row per rank; ``ledgers[r]`` is ``{"ops": {op: {calls, bytes_sent, exposed_s}}}``."""
     rows = []
     for i, a in enumerate(analyses):
-        led = (ledgers[i] if ledgers and i < len(ledgers) else None) or {"ops": {}}
+        have = ledgers is not None and i < len(ledgers) and ledgers[i] is not None
+        led = ledgers[i] if have else {"ops": {}}
         ops = led.get("ops", {})
         l_exp = sum(o.get("exposed_s", 0.0) for o in ops.values())
         l_calls = sum(int(o.get("calls", 0)) for o in ops.values())
@@ -87,7 +89,7 @@ def build_rows(scheme: str, analyses: Sequence[RankAnalysis], ledgers: Sequence[
             ledger_exposed_ms=_ms(l_exp), ledger_calls=l_calls, trace_waits=t_waits,
             exposed_vs_ledger=(t_blocked / l_exp - 1.0) if l_exp > 0 else math.nan,
             bytes_sent=l_bytes, compute_by_kind_ms={k: _ms(v) for k, v in a.compute_by_kind.items()},
-            ops=per_op))
+            ops=per_op, has_ledger=have))
     return rows
 
 
@@ -102,9 +104,11 @@ def summarize(rows: Sequence[RankRow], tolerance: float = 0.25, slack_ms: float 
     """
     tot_exp = sum(r.exposed_ms for r in rows)
     tot_comm = sum(r.comm_ms for r in rows)
-    agrees = all(r.ledger_calls == r.trace_waits and
-                 (abs(r.blocked_ms - r.ledger_exposed_ms)
-                  <= max(slack_ms + slack_per_wait_ms * r.trace_waits, tolerance * r.ledger_exposed_ms))
+    agrees = None if not any(r.has_ledger for r in rows) else all(
+                 not r.has_ledger or (r.ledger_calls == r.trace_waits and
+                                      abs(r.blocked_ms - r.ledger_exposed_ms)
+                                      <= max(slack_ms + slack_per_wait_ms * r.trace_waits,
+                                             tolerance * r.ledger_exposed_ms))
                  for r in rows)
     overlaps = [r.overlap for r in rows if r.overlap == r.overlap]
     return SchemeSummary(
@@ -121,6 +125,10 @@ def _f(x: float, nd: int = 1) -> str:
     return "n/a" if x != x else f"{x:.{nd}f}"
 
 
+def _check(agrees: bool | None) -> str:
+    return "n/a (no ledger)" if agrees is None else ("agrees" if agrees else "DIFFERS")
+
+
 def format_report(rows: Sequence[RankRow], summaries: Sequence[SchemeSummary], title: str = "") -> str:
     """Markdown tables: per rank, then per scheme."""
     out = [title] if title else []
@@ -128,28 +136,34 @@ def format_report(rows: Sequence[RankRow], summaries: Sequence[SchemeSummary], t
             "| ledger exposed ms | waits (trace/ledger) | MiB sent |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        led = r.has_ledger
         out.append(f"| {r.scheme} | {r.rank} | {r.steps} | {_f(r.window_ms)} | {_f(r.compute_ms)} | "
                    f"{_f(r.comm_ms)} | {_f(r.exposed_ms)} | {_f(r.overlap, 2)} | "
-                   f"{_f(r.ledger_exposed_ms)} | {r.trace_waits}/{r.ledger_calls} | "
-                   f"{r.bytes_sent / 2**20:.2f} |")
+                   f"{_f(r.ledger_exposed_ms) if led else 'n/a'} | "
+                   f"{r.trace_waits}/{r.ledger_calls if led else 'n/a'} | "
+                   f"{f'{r.bytes_sent / 2**20:.2f}' if led else 'n/a'} |")
     out += ["", "| scheme | ranks | compute ms (max) | comm ms (max) | exposed ms (max) | overlap "
                 "| worst rank | MiB sent (max) | ledger check |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in summaries:
+        sent = f"{s.bytes_sent / 2**20:.2f}" if s.ledger_agrees is not None else "n/a"
         out.append(f"| {s.scheme} | {s.ranks} | {_f(s.compute_ms)} | {_f(s.comm_ms)} | {_f(s.exposed_ms)} | "
-                   f"{_f(s.overlap, 2)} | {_f(s.overlap_min, 2)} | {s.bytes_sent / 2**20:.2f} | "
-                   f"{'agrees' if s.ledger_agrees else 'DIFFERS'} |")
+                   f"{_f(s.overlap, 2)} | {_f(s.overlap_min, 2)} | {sent} | {_check(s.ledger_agrees)} |")
     out += ["", "Blocked time per op, max over ranks (trace / ledger):", "",
             "| scheme | op | calls | blocked ms (trace) | exposed ms (ledger) | MiB sent |",
             "|---|---|---:|---:|---:|---:|"]
     for s in summaries:
         mine = [r for r in rows if r.scheme == s.scheme]
+        led = any(r.has_ledger for r in mine)
         for op in sorted({op for r in mine for op in r.ops}):
             vals = [r.ops.get(op, {}) for r in mine]
-            out.append(f"| {s.scheme} | {op} | {max(int(v.get('ledger_calls', 0)) for v in vals)} | "
-                       f"{_f(max(v.get('blocked_ms', 0.0) for v in vals))} | "
-                       f"{_f(max(v.get('ledger_exposed_ms', 0.0) for v in vals))} | "
-                       f"{max(int(v.get('bytes_sent', 0)) for v in vals) / 2**20:.2f} |")
+            calls = max(int(v.get("ledger_calls" if led else "trace_waits", 0)) for v in vals)
+            exp = _f(max(v.get("ledger_exposed_ms", 0.0) for v in vals)) if led else "n/a"
+            sent = f"{max(int(v.get('bytes_sent', 0)) for v in vals) / 2**20:.2f}" if led else "n/a"
+            out.append(f"| {s.scheme} | {op} | {calls} | {_f(max(v.get('blocked_ms', 0.0) for v in vals))} | "
+                       f"{exp} | {sent} |")
+    if any(not r.has_ledger for r in rows):
+        out += ["", "n/a: no ledger (traces analysed alone); calls are the trace's waits."]
     return "\n".join(out)
 
 

@@ -17,6 +17,7 @@ layers (``model.layer_pattern = L...L``) so the scheme is actually exercised.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from distattn.profile.report import RankRow, SchemeSummary, build_rows, summarize, write_report
-from distattn.profile.trace import STEP_PREFIX, analyze, load_trace
+from distattn.profile.native_log import quiet_kineto
+from distattn.profile.trace import SCHEME_KEY, STEP_PREFIX, analyze, load_trace
 from distattn.comm import Comm
 
 __all__ = ["ProfileSpec", "ProfileResult", "scheme_config", "run_profile", "analyze_traces"]
@@ -105,7 +107,10 @@ def _rank_profile(cfg_dict: dict, warmup: int, steps: int, trace_dir: str) -> di
         if cuda:
             torch.cuda.synchronize()
         Comm().barrier()
-        with profile(activities=acts) as prof:
+        prof = profile(activities=acts)
+        with quiet_kineto():
+            prof.start()
+        try:
             for i in range(steps):
                 dflt.reset()
                 with record_function(f"{STEP_PREFIX}{i}"):
@@ -115,9 +120,15 @@ def _rank_profile(cfg_dict: dict, warmup: int, steps: int, trace_dir: str) -> di
                 _accumulate(ops, tr.ledger)
                 _accumulate(ops, dflt)
                 logs.append(asdict(log))
+            # names the scheme in the trace itself, for `distattn profile --analyze`
+            prof.add_metadata_json(SCHEME_KEY, json.dumps(cfg.attention.scheme))
+        finally:
+            with quiet_kineto():
+                prof.stop()
         path = Path(trace_dir) / f"rank{rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(path))
+        with quiet_kineto():
+            prof.export_chrome_trace(str(path))
     finally:
         tr.mesh.destroy()
     return {"rank": rank, "trace": str(path), "ledger": {"ops": ops}, "steps": logs}
@@ -152,9 +163,18 @@ def run_profile(cfg, spec: ProfileSpec, log: Callable[[str], None] = print) -> P
     from distattn.profile.timeline import plot_timeline
     from distattn.train.launch import resolve_backend
 
+    from distattn.config import ConfigError
+    schemes = list(spec.schemes) if spec.schemes else [cfg.attention.scheme]
+    configs, bad = {}, []
+    for scheme in schemes:  # every scheme's config is checked before anything is written or started
+        try:
+            configs[scheme] = scheme_config(cfg, scheme, spec.warmup + spec.steps)
+        except ValueError as e:
+            bad.append(f"scheme {scheme}: {e}")
+    if bad:
+        raise ConfigError(bad)
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    schemes = list(spec.schemes) if spec.schemes else [cfg.attention.scheme]
     rows: list[RankRow] = []
     summaries: list[SchemeSummary] = []
     paths: dict[str, str] = {}
@@ -162,12 +182,7 @@ def run_profile(cfg, spec: ProfileSpec, log: Callable[[str], None] = print) -> P
     pool = None
     try:
         for scheme in schemes:
-            try:
-                scfg = scheme_config(cfg, scheme, spec.warmup + spec.steps)
-            except ValueError as e:
-                errors[scheme] = f"config: {e}"
-                log(f"profile {scheme}: skipped, {e}")
-                continue
+            scfg = configs[scheme]
             world = scfg.parallel.world_size
             backend = resolve_backend(scfg)
             if pool is None or pool.world != world or pool.backend != backend or not pool.alive:

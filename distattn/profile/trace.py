@@ -49,10 +49,11 @@ Interval = tuple[float, float]
 __all__ = [
     "Interval", "union", "measure", "intersect", "subtract", "clip",
     "TraceEvent", "RankTrace", "load_trace", "parse_trace", "Classifier", "RankAnalysis",
-    "analyze", "NCCL_KERNEL", "GLOO_EVENT", "STEP_PREFIX",
+    "analyze", "NCCL_KERNEL", "GLOO_EVENT", "STEP_PREFIX", "SCHEME_KEY",
 ]
 
 STEP_PREFIX = "distattn/step#"
+SCHEME_KEY = "distattn_scheme"  # trace metadata: the scheme `distattn profile` ran
 # NCCL kernels as HTA matches them (older versions missed ncclDevKernel_*; this regex does not)
 NCCL_KERNEL = r"(^nccl)|(ncclKernel)|(ncclDevKernel)"
 GLOO_EVENT = r"^gloo:"
