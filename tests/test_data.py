@@ -253,8 +253,20 @@ def test_megatron_indexed_round_trip(tmp_path):
     builder.add_item(torch.tensor([15496, 995, 300]))
     builder.end_document()
     builder.finalize(big + ".idx")
-    with pytest.raises(DataError, match="token id 15496, outside the model's vocab of 256"):
+    with pytest.raises(DataError, match=r"token id 15496, outside model.vocab_size=256 .*set model.vocab_size "
+                                        r"above 15496"):
         MegatronSource(big)[0]
+    # ... and read with a vocabulary that covers it; the driver's scan finds what it needs
+    src = MegatronSource(big, vocab_size=16000)
+    assert src[0].tolist() == [15496, 995, 300]
+    assert src.vocab_needed() == 15497 and src.first_outside() is None
+    small = MegatronSource(big, vocab_size=1000)
+    assert small.vocab_needed() == 15497
+    assert re.search(r"document 0 holds token id 15496, outside model.vocab_size=1000 .*largest token id is "
+                     r"15496: set model.vocab_size=15497 or more", small.first_outside())
+    assert src.vocab_needed() == 15497
+    # bytes in a uint8 dataset never exceed a byte vocabulary: nothing to scan
+    assert MegatronSource(prefix).vocab_needed() is None and MegatronSource(prefix).first_outside() is None
 
 
 def test_megatron_missing_files(tmp_path):
@@ -275,6 +287,16 @@ def test_megatron_unavailable_is_a_clear_error(tmp_path, monkeypatch):
         MegatronSource(prefix)
 
 
+@pytest.mark.parametrize("task", ["recall", "needle"])
+def test_vocab_needed_covers_what_sources_emit(task):
+    """The smallest vocab the driver demands is exactly one above the largest byte written."""
+    src = SyntheticSource(512, task=task, seed=3)
+    top = max(int(src[i].max()) for i in range(64))
+    assert src.vocab_needed() == top + 1 <= 256
+    assert ListSource([b"ab", np.array([7, 300])]).vocab_needed() == 301
+    assert StdlibSource(max_bytes=100_000).vocab_needed() == 256
+
+
 @pytest.mark.parametrize("T", [128, 1000, 4096])
 def test_synthetic_recall_answer_is_far_back(T):
     stream = build_stream(DataConfig(source="synthetic", seq_len=T, synthetic_task="recall"), seed=7)
@@ -291,7 +313,7 @@ def test_synthetic_recall_answer_is_far_back(T):
         assert doc[pair_at + len(key) + 1:pair_at + len(key) + 1 + len(value)] == value
         assert pair_at + len(key) + len(value) + 2 <= T // 2  # the pair lies in the first half
         answer_at = m.start(2)
-        assert answer_at - (pair_at + len(key) + 1) >= T / 2
+        assert answer_at - (pair_at + len(key) + 1) >= SyntheticSource.min_answer_distance(T) >= T / 2
         # the answer mask covers exactly the answer bytes, as labels
         idx = torch.nonzero(b.answer_mask).flatten().tolist()
         assert idx == list(range(answer_at - 1, answer_at - 1 + len(value)))
@@ -312,7 +334,7 @@ def test_synthetic_needle_answer_is_far_back():
         assert doc.endswith(b"\nQ: what is the secret? A: " + needle.group(1) + b"\n")
         idx = torch.nonzero(b.answer_mask).flatten().tolist()
         assert bytes(b.labels[idx].tolist()) == needle.group(1)
-        assert idx[0] + 1 - needle.start(1) >= T / 2
+        assert idx[0] + 1 - needle.start(1) >= SyntheticSource.min_answer_distance(T) >= T / 2
     # documents depend on (seed, index) only
     other = SyntheticSource(T, "needle", seed=3)
     assert bytes(other[5]) == bytes(src[5])
