@@ -6,6 +6,10 @@ the data position, and each rank's RNG state go to small per-rank files beside
 it, so a resumed run sees exactly the samples an uninterrupted run would.
 Under DeepSpeed ZeRO the optimizer state is partitioned by DeepSpeed, so its own
 checkpoint format is used for model and optimizer.
+
+A checkpoint is complete once rank 0 has written meta.json (with the size of
+every per-rank file) and its config.yaml; only then does the `latest` marker
+move to it. `distattn.train.resume` checks all of that before a resume.
 """
 from __future__ import annotations
 
@@ -14,29 +18,25 @@ import shutil
 from pathlib import Path
 
 import torch
-
-from distattn.comm import Comm
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from distattn.comm import Comm
+from distattn.train.resume import CheckpointError, describe_incompatible, incompatibilities, latest, saved_config
+from distattn.train.resume import step_dir as _step_dir
 
-def _step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:08d}"
-
-
-def latest(root: Path) -> Path | None:
-    marker = root / "latest"
-    if not marker.exists():
-        return None
-    return root / marker.read_text().strip()
+__all__ = ["save", "load", "latest", "prune"]
 
 
 def save(tr) -> Path:
     root = tr.ckpt_dir
     path = _step_dir(root, tr.step)
     if tr.rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
+        # DCP writes into a fresh directory: an unfinished save of this step (a restarted
+        # job) or a step the driver was allowed to replace goes first
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
     Comm(tr.mesh.trainer_group).barrier()
     if tr.engine is not None:
         tr.engine.save_checkpoint(str(path), tag="deepspeed")
@@ -49,32 +49,32 @@ def save(tr) -> Path:
                path / f"rank{tr.rank:05d}.pt")
     Comm(tr.mesh.trainer_group).barrier()
     if tr.rank == 0:
+        from distattn.config import save_config
+        save_config(tr.cfg, path / "config.yaml")  # what the tensors' shapes come from
+        files = {f.name: f.stat().st_size for f in sorted(path.glob("rank*.pt"))}
         meta = {"step": tr.step, "dp": tr.cfg.parallel.dp, "cp": tr.cfg.parallel.cp,
-                "world": tr.world, "zero_stage": tr.cfg.train.zero_stage}
+                "world": tr.world, "zero_stage": tr.cfg.train.zero_stage, "rank_files": files}
         (path / "meta.json").write_text(json.dumps(meta))
         (root / "latest").write_text(path.name)
     Comm(tr.mesh.trainer_group).barrier()
     return path
 
 
-def load(tr) -> None:
-    path = latest(tr.ckpt_dir)
+def load(tr, target: bool | str | Path = True) -> Path:
+    """Restore `target` (True: the run's latest checkpoint; a path: that checkpoint directory).
+
+    `distattn train` has already resolved and verified it in the driver; the
+    settings check here guards direct users of the Trainer.
+    """
+    path = latest(tr.ckpt_dir) if target is True else Path(target)
     if path is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {tr.ckpt_dir} (no 'latest' marker); "
                                 "train with train.ckpt_every > 0 first, or drop --resume")
     meta = json.loads((path / "meta.json").read_text())
-    p = tr.cfg.parallel
-    if meta["dp"] != p.dp:
-        raise ValueError(f"checkpoint {path} was written with parallel.dp={meta['dp']}, this run has "
-                         f"dp={p.dp}: the data order per dp rank would change; set parallel.dp={meta['dp']} "
-                         "(cp may differ)")
-    if meta["zero_stage"] != tr.cfg.train.zero_stage:
-        raise ValueError(f"checkpoint {path} was written with train.zero_stage={meta['zero_stage']}; "
-                         f"set train.zero_stage={meta['zero_stage']} to resume it")
+    diffs = incompatibilities(tr.cfg, meta, saved_config(path))
+    if diffs:
+        raise CheckpointError(describe_incompatible(path, diffs))
     if tr.engine is not None:
-        if meta["world"] != tr.world:
-            raise ValueError(f"ZeRO checkpoint {path} was written by {meta['world']} ranks; this run has "
-                             f"{tr.world}. ZeRO partitions optimizer state per rank: resume with the same world")
         tr.engine.load_checkpoint(str(path), tag="deepspeed")
     else:
         msd, osd = get_state_dict(tr.model, tr.optimizer)
@@ -91,6 +91,7 @@ def load(tr) -> None:
     tr.scheduler.load_state_dict(extra["scheduler"])
     tr.stream.load_state_dict(extra["data"])
     torch.set_rng_state(extra["rng"])
+    return path
 
 
 def prune(root: Path, keep: int) -> None:

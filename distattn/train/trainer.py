@@ -115,7 +115,9 @@ class StepLog:
 class Trainer:
     """One rank's view of a training run."""
 
-    def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False):
+    def __init__(self, cfg: Config, resume: bool | str | None = False, quiet: bool = False):
+        """`resume`: False/None starts fresh, True continues from the run's latest checkpoint,
+        a path from that checkpoint directory."""
         self.cfg = cfg
         self.quiet = quiet
         self.rank = dist.get_rank()
@@ -159,13 +161,14 @@ class Trainer:
             self.stream = build_balanced_stream(cfg.data, self.dp_rank, p.dp, cfg.run.seed,
                                                 linear_cost=_linear_cost(cfg))
         else:
-            self.stream = build_stream(cfg.data, self.dp_rank, p.dp, cfg.run.seed)
+            self.stream = build_stream(cfg.data, self.dp_rank, p.dp, cfg.run.seed,
+                                       vocab_size=cfg.model.vocab_size)
         self.step = 0
         self._released = False
         self.history: list[StepLog] = []
         self.writer = None
         if resume:
-            self.load_checkpoint()
+            self.load_checkpoint(resume)
 
     # -- DeepSpeed ZeRO ------------------------------------------------------------
     def _init_deepspeed(self):
@@ -323,9 +326,9 @@ class Trainer:
         from distattn.train.checkpoint import save
         return save(self)
 
-    def load_checkpoint(self) -> None:
+    def load_checkpoint(self, target: bool | str = True) -> Path:
         from distattn.train.checkpoint import load
-        load(self)
+        return load(self, target)
 
     # -- the run -----------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> list[StepLog]:
