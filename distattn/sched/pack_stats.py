@@ -9,7 +9,7 @@ import numpy as np
 
 from distattn.config import ConfigError
 from distattn.sched.cost import doc_pairs, step_cost
-from distattn.sched.packer import BalancedPacker, _u64, _whole
+from distattn.sched.packer import BalancedPacker, _u64, _whole, check_linear_cost, check_seed
 
 __all__ = ["token_packing_loads", "balanced_loads", "plan_stats", "lognormal_lengths", "check_lognormal",
            "compare"]
@@ -24,6 +24,7 @@ def token_packing_loads(lengths: Sequence[int], seq_len: int, dp: int, micro: in
     lengths = _lengths(lengths)
     T = _whole("seq_len", seq_len, 1)
     _whole("dp", dp, 1), _whole("micro-batches per rank", micro, 1), _whole("steps", steps, 1)
+    check_linear_cost(linear_cost), check_seed(seed)
     out = []
     epoch, cur, off = 0, 0, 0
     perm = (np.random.default_rng(_u64(seed)).permutation(lengths.size) if shuffle
@@ -115,7 +116,7 @@ def _lengths(lengths) -> np.ndarray:
 def lognormal_lengths(mean: float, sigma: float, docs: int, seed: int = 0, max_len: int | None = None) -> np.ndarray:
     """``docs`` lengths from a lognormal with the given *mean* length and log-sigma."""
     check_lognormal(mean, sigma)
-    _whole("docs", docs, 1)
+    _whole("docs", docs, 1), check_seed(seed)
     mu = math.log(mean) - sigma * sigma / 2
     x = np.random.default_rng(_u64(seed)).lognormal(mu, sigma, size=docs)
     x = np.clip(np.round(x), 1, 1 << 40).astype(np.int64)

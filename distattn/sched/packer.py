@@ -74,6 +74,21 @@ def _whole(name: str, value, low: int) -> int:
     return int(value)
 
 
+def check_linear_cost(value) -> float:
+    """Linear-layer work per token in pair units: a finite number >= 0, else a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not value >= 0 or value == float("inf"):
+        raise ConfigError(f"linear_cost={value!r}: expected a finite number >= 0 (pairs per token)")
+    return float(value)
+
+
+def check_seed(value) -> int:
+    """A seed: any integer (taken modulo 2**64), else a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"seed={value!r}: expected an integer")
+    return int(value)
+
+
 def _u64(x: int) -> int:
     return int(x) % (1 << 64)
 
@@ -167,9 +182,8 @@ class BalancedPacker:
         _whole("max_defer", max_defer, 0)
         if balance not in ("attention", "tokens"):
             raise ConfigError(f"balance must be 'attention' or 'tokens', got {balance!r}")
-        if isinstance(linear_cost, bool) or not isinstance(linear_cost, (int, float)) \
-                or not linear_cost >= 0 or linear_cost == float("inf"):
-            raise ConfigError(f"linear_cost={linear_cost!r}: expected a finite number >= 0 (pairs per token)")
+        check_linear_cost(linear_cost)
+        check_seed(seed)
         self.seq_len = int(seq_len)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
