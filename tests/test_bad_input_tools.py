@@ -113,3 +113,31 @@ def test_plan_memory_worlds_zero_does_not_hang():
     """It used to spin at 100% CPU forever; the real console script must refuse it quickly."""
     res = run_cli_process(["plan", "memory", "--worlds", "0"], timeout=45, cwd=ROOT)
     assert_refused(res, "--worlds", "'0'", max_s=45)
+
+
+def _subparser(parser, *path):
+    import argparse
+    for name in path:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
+
+
+@pytest.mark.parametrize("path", [("plan", "memory"), ("plan", "batch"), ("simulate",), ("sweep",), ("profile",),
+                                  ("bench", "attention"), ("bench", "linear"), ("bench", "hetero"),
+                                  ("bench", "cad"), ("bench", "balance")], ids=" ".join)
+def test_every_option_has_help_and_shows_its_default(path):
+    import argparse
+
+    from distattn.cli import build_parser
+    from distattn.cli_args import HelpFormatter
+    p = _subparser(build_parser(), *path)
+    assert p.formatter_class is HelpFormatter
+    for a in p._actions:
+        if isinstance(a, argparse._HelpAction) or a.help == argparse.SUPPRESS:
+            continue
+        assert a.help and a.help.strip(), f"{' '.join(path)} {a.dest}: no help text"
+    text = p.format_help()
+    assert "default" in text
+    if path != ("bench", "attention"):  # its only options are flags and a path
+        assert "(default: " in text
