@@ -224,3 +224,23 @@ def _listing(root: Path) -> dict[str, int]:
 
 def test_the_table_is_large_enough():
     assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize("extra,warned", [
+    (["data.seq_len=2048"], ["data.seq_len=2048", "only >= 1024 tokens back", "data.seq_len=8192"]),
+    (["parallel.cp=1", "parallel.world_size=1", "attention.scheme=local"], ["parallel.cp=1"]),
+    ([], []),
+])
+def test_recall_preset_warns_when_its_promise_breaks(tmp_path, extra, warned):
+    """recall_8k promises an answer >= 4096 tokens back on another rank; a smaller seq_len or one
+    rank keeps training but says which setting breaks it and what keeps it."""
+    from distattn.config import load_config
+    from distattn.train.preflight import check
+    from distattn.train.synthetic import SyntheticSource
+    preset = "configs/presets/recall_8k.yaml"
+    cfg = load_config(str(Path(__file__).parent.parent / preset), extra + [f"run.output_dir={tmp_path}"])
+    notes = [n for n in check(cfg, config_path=preset).notes if "recall_8k promises" in n]
+    for w in warned:
+        assert any(w in n for n in notes), notes
+    assert bool(notes) == bool(warned)
+    assert SyntheticSource.min_answer_distance(8192) == 4096
