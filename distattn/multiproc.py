@@ -4,7 +4,9 @@ Tests, benchmarks and the local launcher share this. A `RankPool` keeps its
 worker processes (and their process group) alive between calls so a test suite
 pays the torch import and rendezvous once per world size. Any failure or time-out
 tears the pool down, so a broken group never leaks into the next call, and the
-failing rank's traceback is raised in the caller.
+failing rank's traceback is raised in the caller. A rank function may attach a
+short, picklable `report` to the exception it raises (the train launcher's
+one-line failure); `RankError.reports` hands those to the caller by rank.
 """
 from __future__ import annotations
 
@@ -21,7 +23,21 @@ from typing import Any, Callable
 
 
 class RankError(RuntimeError):
-    """A rank raised; the message carries its traceback."""
+    """A rank raised or died; the message carries the tracebacks.
+
+    `reports`: the `report` attribute of each rank's exception, where it had one;
+    `died`: exit codes of ranks whose process ended; `blocked`: ranks still running
+    (usually waiting in a collective the failed rank never joined).
+    """
+
+    def __init__(self, message: str, reports: dict[int, Any] | None = None,
+                 died: dict[int, int | None] | None = None, blocked: list[int] | None = None,
+                 tracebacks: dict[int, str] | None = None):
+        super().__init__(message)
+        self.reports = dict(reports or {})
+        self.died = dict(died or {})
+        self.blocked = list(blocked or [])
+        self.tracebacks = dict(tracebacks or {})
 
 
 class RankTimeout(RuntimeError):
@@ -45,6 +61,9 @@ def _worker(rank: int, world: int, port: int, backend: str, threads: int,
             sys_path: list[str], tasks: "mp.Queue", results: "mp.Queue",
             pg_timeout_s: float | None = None) -> None:
     sys.path[:] = sys_path
+    for stream in (sys.stdout, sys.stderr):  # line by line, also into pipes and files
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # the standard launcher env, so libraries that read it (DeepSpeed) see a normal rank
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -61,7 +80,7 @@ def _worker(rank: int, world: int, port: int, backend: str, threads: int,
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
     except Exception:  # pragma: no cover - rendezvous failure
-        results.put((rank, False, traceback.format_exc()))
+        results.put((rank, False, (traceback.format_exc(), None)))
         return
     results.put((rank, True, "ready"))
     while True:
@@ -72,8 +91,13 @@ def _worker(rank: int, world: int, port: int, backend: str, threads: int,
             task: _Task = pickle.loads(payload)
             out = task.fn(*task.args, **task.kwargs)
             results.put((rank, True, pickle.dumps(out)))
-        except BaseException:
-            results.put((rank, False, traceback.format_exc()))
+        except BaseException as e:
+            report = getattr(e, "report", None)
+            try:
+                pickle.dumps(report)
+            except Exception:
+                report = None
+            results.put((rank, False, (traceback.format_exc(), report)))
     dist.destroy_process_group()
 
 
@@ -108,6 +132,7 @@ class RankPool:
         deadline = time.monotonic() + timeout
         got: dict[int, Any] = {}
         errors: dict[int, str] = {}
+        reports: dict[int, Any] = {}
         while len(got) + len(errors) < self.world:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -115,7 +140,8 @@ class RankPool:
                 self.close(force=True)
                 if errors:
                     raise RankError(f"{what} failed on rank(s) {sorted(errors)} "
-                                    f"(ranks {missing} then blocked)\n" + self._format(errors))
+                                    f"(ranks {missing} then blocked)\n" + self._format(errors),
+                                    reports=reports, blocked=missing, tracebacks=errors)
                 raise RankTimeout(f"{what} timed out after {timeout:.0f}s; "
                                   f"ranks {missing} did not finish")
             try:
@@ -124,21 +150,26 @@ class RankPool:
                 dead = [r for r, p in enumerate(self._procs)
                         if not p.is_alive() and r not in got and r not in errors]
                 if dead:
+                    codes = {r: self._procs[r].exitcode for r in dead}
                     self.close(force=True)
                     raise RankError(f"{what}: rank(s) {dead} died "
-                                    f"(exit codes {[self._procs[r].exitcode for r in dead]})"
-                                    + ("\n" + self._format(errors) if errors else ""))
+                                    f"(exit codes {[codes[r] for r in dead]})"
+                                    + ("\n" + self._format(errors) if errors else ""),
+                                    reports=reports, died=codes, tracebacks=errors)
                 continue
             if ok:
                 got[rank] = payload
             else:
-                errors[rank] = payload
+                errors[rank], report = payload
+                if report is not None:
+                    reports[rank] = report
                 # Give the other ranks a moment to report, then fail fast: they
                 # are likely blocked in a collective the failed rank never joined.
                 deadline = min(deadline, time.monotonic() + 5.0)
         if errors:
             self.close(force=True)
-            raise RankError(f"{what} failed on rank(s) {sorted(errors)}\n" + self._format(errors))
+            raise RankError(f"{what} failed on rank(s) {sorted(errors)}\n" + self._format(errors),
+                            reports=reports, tracebacks=errors)
         return [got[r] for r in range(self.world)]
 
     @staticmethod
