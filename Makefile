@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]" "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,hf]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)  # distattn plan batch
     from distattn.plan.memory import add_parser as add_plan_memory
     add_plan_memory(sub)  # distattn plan memory (joins `plan` if it exists)
+    from distattn.hf.cli import add_parser as add_convert
+    add_convert(sub)
     return p
 
 

@@ -60,6 +60,10 @@ CASES = [
      ["STRICT_PACK", "launch.nodes"]),
     ("bench-scheme", [S, "bench.schemes=[ring,foo]"], ["bench.schemes[1]", "foo"]),
     ("no-such-file", ["nosuch.yaml"], ["nosuch.yaml", "no such config file"]),
+    ("rope-yarn-without-original", [S, "model.rope_scaling.type=yarn", S, "model.rope_scaling.factor=4"],
+     ["--set model.rope_scaling", "original_max_position_embeddings"]),
+    ("rope-field-typo", [S, "model.rope_scaling.fctor=4"], ["model.rope_scaling.fctor", "factor"]),
+    ("rope-type", [S, "model.rope_scaling.type=ntk"], ["model.rope_scaling.type", "ntk", "yarn"]),
     ("model-preset-typo", [S, "model.preset=llama8b"], ["model.preset", "llama8b", "llama3_8b"]),
 ]
 if importlib.util.find_spec("wandb") is None:

@@ -137,7 +137,7 @@ def test_several_problems_are_reported_together():
     ("atention.scheme=ring", ["unknown section 'atention'", "valid sections are run, model"]),
     ("parallel.cp", ["expected KEY=VALUE"]),
     ("parallel=4", ["name one key", "valid keys of parallel are world_size, dp, cp"]),
-    ("parallel.cp.x=4", ["name one key"]),
+    ("parallel.cp.x=4", ["parallel.cp has no fields of its own", "parallel.cp=VALUE"]),
     ("bench.schemes=[ring", ["not valid YAML"]),
 ])
 def test_bad_overrides(override, expected):

@@ -67,5 +67,7 @@ def test_step_with_tiled_mlp_equals_untiled(ranks, tmp_path, cp, scheme):
     tiled = load_config(None, common + [f"run.output_dir={tmp_path / 'b'}", "model.mlp_tile=40"])
     (l1, p1), = [r for r in ranks(cp, one_step, base.model_dump()) if r is not None]
     (l2, p2), = [r for r in ranks(cp, one_step, tiled.model_dump()) if r is not None]
+    # the tolerance of tests/test_train.py: Adam normalises the update, so a weight whose gradient is
+    # near zero can move by up to lr * 1e-3 when its summation order changes
     assert l1[0] == pytest.approx(l2[0], rel=1e-6)
-    torch.testing.assert_close(p2, p1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(p2, p1, atol=1e-5, rtol=0)

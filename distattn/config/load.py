@@ -38,7 +38,11 @@ _SECTIONS: dict[str, type[BaseModel]] = {
 
 
 def _parse_override(item: str, hint: str = "") -> tuple[str, str, Any]:
-    """`section.key=value` -> (section, key, value parsed as YAML), or a ConfigError naming the override."""
+    """`section.key=value` -> (section, key, value parsed as YAML), or a ConfigError naming the override.
+
+    A key that is itself a mapping (model.rope_scaling) takes `section.key.field=value` too;
+    the key comes back as `key.field`.
+    """
     sections = list(Config.model_fields)
     if "=" not in item:
         example = hint or ("4" if item.strip() == "parallel.cp" else "VALUE")
@@ -52,7 +56,7 @@ def _parse_override(item: str, hint: str = "") -> tuple[str, str, Any]:
                           f"{_did_you_mean(section, sections)}; "
                           f"valid sections are {', '.join(sections)}")
     fields = list(_SECTIONS[section].model_fields)
-    if len(parts) != 2 or not parts[1]:
+    if len(parts) not in (2, 3) or not all(parts[1:]):
         raise ConfigError(f"--set {item}: name one key, as {section}.KEY=VALUE; "
                           f"valid keys of {section} are {', '.join(fields)}")
     name = parts[1]
@@ -60,6 +64,17 @@ def _parse_override(item: str, hint: str = "") -> tuple[str, str, Any]:
         raise ConfigError(f"--set {item}: {section}.{name} is an unknown key"
                           f"{_did_you_mean(name, fields)}; "
                           f"valid keys of {section} are {', '.join(fields)}")
+    if len(parts) == 3:
+        sub = _SECTIONS[section].model_fields[name].annotation
+        subfields = list(sub.model_fields) if isinstance(sub, type) and issubclass(sub, BaseModel) else []
+        if not subfields:
+            raise ConfigError(f"--set {item}: {section}.{name} has no fields of its own; "
+                              f"set it as {section}.{name}=VALUE")
+        if parts[2] not in subfields:
+            raise ConfigError(f"--set {item}: {section}.{name}.{parts[2]} is an unknown key"
+                              f"{_did_you_mean(parts[2], subfields)}; valid keys of {section}.{name} are "
+                              f"{', '.join(subfields)}")
+        name = f"{name}.{parts[2]}"
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
@@ -77,7 +92,12 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         target = out.get(section)
         if not isinstance(target, dict):
             target = out[section] = {}
-        target[name] = value
+        if "." in name:  # a field of a nested mapping
+            name, field = name.split(".", 1)
+            nested = target.get(name)
+            target[name] = {**(nested if isinstance(nested, dict) else {}), field: value}
+        else:
+            target[name] = value
     return out
 
 
@@ -114,7 +134,7 @@ def _attribute(problems: list[str], overrides: list[str], source: str | None) ->
         origin = None
         for item, section, name in reversed(parsed):  # the last --set of a key wins
             dotted = f"{section}.{name}"
-            if (head == dotted or dotted in line
+            if (head == dotted or dotted in line or dotted.startswith(head + ".") and "." in head
                     or (head == section and re.search(rf"\b{re.escape(name)}\b", line))):
                 origin = f"--set {item}"
                 break

@@ -109,6 +109,36 @@ class RunConfig(_Section):
         return self
 
 
+class RopeScalingConfig(_Section):
+    """Rotary scaling for context extension (Hugging Face's rope_scaling fields); see distattn.model.rope."""
+
+    section_key: ClassVar[str] = "model.rope_scaling"
+    type: Literal["none", "linear", "yarn", "llama3"] = "none"
+    factor: PosFloat = 1.0
+    original_max_position_embeddings: PosInt | None = None  # yarn, llama3: the pretraining context
+    low_freq_factor: PosFloat = 1.0   # llama3
+    high_freq_factor: PosFloat = 4.0  # llama3
+    beta_fast: PosFloat = 32.0        # yarn
+    beta_slow: PosFloat = 1.0         # yarn
+    mscale: PosFloat | None = None    # yarn
+    mscale_all_dim: PosFloat | None = None
+    attention_factor: PosFloat | None = None
+    truncate: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "RopeScalingConfig":
+        try:
+            self.to_rope()
+        except ValueError as e:
+            _fail([f"{e}; set model.rope_scaling.original_max_position_embeddings to the context the model "
+                   f"was trained at" if "original_max" in str(e) else str(e)])
+        return self
+
+    def to_rope(self):
+        from distattn.model.rope import RopeScaling
+        return RopeScaling(**self.model_dump())
+
+
 class ModelConfig(_Section):
     section_key: ClassVar[str] = "model"
     preset: str | None = None  # a shape from configs/models/ (or a YAML path); keys given here override it
@@ -120,6 +150,10 @@ class ModelConfig(_Section):
     vocab_size: PosInt = 256
     layer_pattern: str | None = None
     rope_base: PosFloat = 10000.0
+    rope_scaling: RopeScalingConfig = Field(default_factory=RopeScalingConfig)
+    norm_eps: PosFloat = 1e-5          # RMSNorm epsilon
+    qkv_bias: bool = False             # biases on the q/k/v projections (Qwen2)
+    tie_embeddings: bool = False       # the output layer shares the input embedding's weight
     dtype: DType = "fp32"
     # activation recomputation: none | selective (layers re-run, core attention kept) | full
     recompute: Literal["none", "selective", "full"] = "none"

@@ -14,7 +14,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from distattn.comm import CommLedger
-from distattn.model.rope import apply_rope, rope_cos_sin
+from distattn.model.rope import NO_SCALING, RopeScaling, apply_rope, rope_cos_sin
 
 
 @dataclass
@@ -26,6 +26,7 @@ class AttentionContext:
     linear_scheme: object = None          # a configured distattn linear scheme
     ledger: CommLedger | None = None
     rope_base: float = 10000.0
+    rope_scaling: RopeScaling = NO_SCALING  # context extension (linear, yarn, llama3)
     cu_seqlens: list[int] | None = None   # documents of the whole packed sequence
     positions: torch.Tensor | None = None  # position in its document of every local token
     n_tokens: int | None = None           # global sequence length
@@ -41,7 +42,8 @@ class AttentionContext:
         if key not in self._rope:
             if self.positions is None:
                 raise RuntimeError("AttentionContext.set_batch() must be called before the forward")
-            self._rope[key] = rope_cos_sin(self.positions.to(device), head_dim, self.rope_base)
+            self._rope[key] = rope_cos_sin(self.positions.to(device), head_dim, self.rope_base,
+                                           scaling=self.rope_scaling)
         return self._rope[key]
 
 

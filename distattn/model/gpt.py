@@ -50,6 +50,8 @@ def transformer_config(model_cfg) -> TransformerConfig:
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         init_method_std=0.02,
+        layernorm_epsilon=getattr(model_cfg, "norm_eps", 1e-5),
+        add_qkv_bias=getattr(model_cfg, "qkv_bias", False),
     )
 
 
@@ -89,10 +91,13 @@ def build_gpt(model_cfg, context: AttentionContext, max_sequence_length: int,
     kinds = model_cfg.layer_kinds()
     specs = [_layer_spec(DistAttnLinearCore if kind == "L" else DistAttnCore, context)
              for kind in kinds]
-    block = TransformerBlockSubmodules(layer_specs=specs)
+    # the final RMSNorm before the output layer (Llama, Qwen2, Mistral), built like the layers' norms
+    block = TransformerBlockSubmodules(layer_specs=specs,
+                                       layer_norm=specs[0].submodules.input_layernorm)
     torch.manual_seed(seed)
     model = GPTModel(cfg, block, vocab_size=model_cfg.vocab_size,
                      max_sequence_length=max_sequence_length, position_embedding_type="none",
+                     share_embeddings_and_output_weights=getattr(model_cfg, "tie_embeddings", False),
                      pg_collection=pg_collection or single_rank_groups())
     from distattn.model.recompute import apply_recompute
     from distattn.model.tiled_mlp import apply_tiled_mlp

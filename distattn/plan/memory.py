@@ -89,10 +89,13 @@ class MemoryPlan:
 
 
 def param_count(m) -> int:
-    """Parameters of the GPT model for ModelConfig `m` (untied embeddings, no biases)."""
+    """Parameters of the GPT model for ModelConfig `m`: embeddings (one matrix when tied), the layers
+    (q/k/v biases where set), the final RMSNorm."""
     h, d, kv, f, v = m.hidden_size, m.head_dim, m.num_query_groups, m.ffn_hidden_size, m.vocab_size
-    layer = h * (h + 2 * kv * d) + h * h + 2 * h + h * 2 * f + f * h
-    return 2 * v * h + m.num_layers * layer
+    qkv = h + 2 * kv * d
+    layer = h * qkv + h * h + 2 * h + h * 2 * f + f * h + (qkv if getattr(m, "qkv_bias", False) else 0)
+    embeddings = (1 if getattr(m, "tie_embeddings", False) else 2) * v * h
+    return embeddings + m.num_layers * layer + h
 
 
 def _layer_saved(m, s: int) -> dict[str, float]:

@@ -143,6 +143,7 @@ class Trainer:
         self.ctx = AttentionContext(group=self.mesh.cp_group, softmax_scheme=self.softmax_scheme,
                                     linear_scheme=self.linear_scheme, ledger=self.ledger,
                                     rope_base=cfg.model.rope_base,
+                                    rope_scaling=cfg.model.rope_scaling.to_rope(),
                                     softmax_group=attention_group(self.mesh))
         self.model = build_gpt(cfg.model, self.ctx, cfg.data.seq_len, seed=cfg.run.seed)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
