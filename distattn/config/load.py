@@ -172,6 +172,58 @@ def _expand_preset(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "model": {**shape, **model}}
 
 
+# keys that must match the weights of model.init_from; the others (RoPE, dtype, recompute, tiles) may change
+INIT_SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                   "vocab_size", "qkv_bias", "tie_embeddings", "layer_pattern")
+
+
+def _init_from_section(where: str) -> dict[str, Any]:
+    """The model section of the checkpoint model.init_from names (HF config.json or a distattn config)."""
+    path = Path(where).expanduser()
+    if not path.exists():
+        raise ConfigError(f"model.init_from={where}: no such directory; give a Hugging Face model directory "
+                          f"(config.json + safetensors) or a distattn checkpoint (from `distattn convert`, "
+                          f"runs/<name>/checkpoints/step_N, or runs/<name>)")
+    if (path / "config.json").is_file():
+        import importlib.util
+        import json
+        from distattn.hf.config_map import model_section
+        if importlib.util.find_spec("safetensors") is None:
+            raise ConfigError(f"model.init_from={where} is a Hugging Face directory, which needs safetensors: "
+                              f"pip install 'distattn[hf]'")
+        try:
+            hf = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model.init_from={where}: config.json is not valid JSON ({e})") from None
+        section, _ = model_section(hf)
+        return section
+    from distattn.hf.convert import locate_distattn
+    _, config_file, _ = locate_distattn(path)
+    return load_config(config_file).model.model_dump(exclude={"init_from", "preset"})
+
+
+def _expand_init_from(data: dict[str, Any]) -> dict[str, Any]:
+    """model.init_from: the checkpoint's shape under the keys given beside it (shape keys must agree)."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("init_from"):
+        return data
+    if model.get("preset"):
+        raise ConfigError(f"model.init_from and model.preset={model['preset']} both give the model's shape; "
+                          f"drop model.preset (the shape comes from model.init_from)")
+    where = str(model["init_from"])
+    ckpt = _init_from_section(where)
+    clashes = [f"model.{k}={model[k]!r} (the checkpoint has {ckpt.get(k)!r})" for k in INIT_SHAPE_KEYS
+               if k in model and model[k] != ckpt.get(k)]
+    if clashes:
+        raise ConfigError(f"model.init_from={where}: the weights fix the model's shape, but "
+                          f"{', '.join(clashes)}; drop those keys")
+    merged = {**ckpt, **model}
+    for k, v in model.items():  # a nested mapping given beside init_from refines the checkpoint's
+        if isinstance(v, dict) and isinstance(ckpt.get(k), dict):
+            merged[k] = {**ckpt[k], **v}
+    return {**data, "model": merged}
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Load a YAML job (None: the shipped default job), apply overrides, validate.
 
@@ -196,7 +248,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             source = "configs/default.yaml"
     data = apply_overrides(data, overrides)
     try:
-        data = _expand_preset(data)
+        data = _expand_init_from(_expand_preset(data))
     except ConfigError as err:
         raise ConfigError(_attribute(err.problems, overrides, source)) from None
     try:

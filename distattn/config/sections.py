@@ -142,6 +142,8 @@ class RopeScalingConfig(_Section):
 class ModelConfig(_Section):
     section_key: ClassVar[str] = "model"
     preset: str | None = None  # a shape from configs/models/ (or a YAML path); keys given here override it
+    # start from these weights: a Hugging Face directory or a distattn checkpoint (the shape comes from it)
+    init_from: str | None = None
     num_layers: PosInt = 2
     hidden_size: PosInt = 128
     num_attention_heads: PosInt = 8

@@ -1,0 +1,51 @@
+"""`model.init_from`: start training from a Hugging Face directory or a distattn checkpoint.
+
+The model shape comes from the checkpoint (the config loader takes it from
+there, see `distattn.config.load`), so here the weights only need to be put in
+place. A distattn checkpoint is read with torch.distributed.checkpoint, each rank
+reading the tensors it holds; a Hugging Face directory is read from its
+safetensors and re-laid out for megatron's fused projections.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def is_hf_directory(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+
+
+def load_initial_weights(model: torch.nn.Module, path: str | Path, process_group=None) -> int:
+    """Copy the checkpoint's weights into `model` (every tensor must be there); returns how many."""
+    own = _tensors(model)
+    if is_hf_directory(path):
+        from distattn.hf.convert import load_hf
+        _, weights = load_hf(path)
+        missing = sorted(set(own) - set(weights))
+        if missing:
+            raise ValueError(f"model.init_from={path}: the checkpoint lacks {missing[:4]}")
+        with torch.no_grad():
+            for name, t in own.items():
+                t.copy_(weights[name].to(t.dtype))
+        return len(own)
+    import torch.distributed.checkpoint as dcp
+
+    from distattn.hf.convert import locate_distattn
+    dcp_dir, _, _ = locate_distattn(path)
+    state = {"model": own}
+    dcp.load(state, checkpoint_id=str(dcp_dir), process_group=process_group)
+    with torch.no_grad():  # dcp loads in place where it can; copy in case a tensor was replaced
+        for name, t in own.items():
+            if state["model"][name] is not t:
+                t.copy_(state["model"][name])
+    return len(own)
+
+
+__all__ = ["is_hf_directory", "load_initial_weights"]
