@@ -93,9 +93,10 @@ class BalancedBatchStream:
 
 
 def build_balanced_stream(data_cfg, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                          linear_cost: float = 0.0) -> BalancedBatchStream:
-    """The ``data.balance=attention`` stream of this dp rank."""
+                          linear_cost: float = 0.0, vocab_size: int | None = None) -> BalancedBatchStream:
+    """The ``data.balance=attention`` stream of this dp rank (token ids checked against `vocab_size`)."""
     from distattn.train.data import build_source
-    source = build_source(data_cfg, seed=seed)
+    source = build_source(data_cfg, seed=seed) if vocab_size is None else \
+        build_source(data_cfg, seed=seed, vocab_size=vocab_size)
     return BalancedBatchStream(source, data_cfg.seq_len, data_cfg.micro_batch_size, dp_rank, dp_size, seed,
                                linear_cost=linear_cost, max_defer=getattr(data_cfg, "balance_max_defer", 0))

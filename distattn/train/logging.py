@@ -77,7 +77,9 @@ class RunLogger:
         self.tb_dir = Path(cfg.run.output_dir) / "tensorboard"
         if enabled and cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.tb_dir))
+            # a resumed run continues the event files; purge_step drops what an abandoned
+            # continuation of an older checkpoint wrote past it
+            self.writer = SummaryWriter(str(self.tb_dir), purge_step=start_step + 1 if start_step else None)
         self.extra = open_extra_logger(cfg) if enabled else None
         if enabled and not quiet:
             p, a = cfg.parallel, cfg.attention

@@ -163,7 +163,7 @@ class Trainer:
         if cfg.data.balance == "attention":  # whole documents, equal predicted work per dp rank
             from distattn.sched.pack import build_balanced_stream
             self.stream = build_balanced_stream(cfg.data, self.dp_rank, p.dp, cfg.run.seed,
-                                                linear_cost=_linear_cost(cfg))
+                                                linear_cost=_linear_cost(cfg), vocab_size=cfg.model.vocab_size)
         else:
             self.stream = build_stream(cfg.data, self.dp_rank, p.dp, cfg.run.seed,
                                        vocab_size=cfg.model.vocab_size)
