@@ -136,7 +136,7 @@ def _stream(argv: list[str], cwd: Path, env: dict[str, str], timeout: float,
     return CliResult(code, "".join(lines), "", time.perf_counter() - t0), streamed
 
 
-# (launcher args, fault spec, failing rank, the message, limit on seconds)
+# (id, launcher arguments, the rank that raises, limit on seconds)
 RANK_CASES = [
     ("local", ["--launcher", "local"], 1, 90),
     ("ray", ["--launcher", "ray"], 1, 120),

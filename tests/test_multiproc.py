@@ -93,11 +93,16 @@ def _logged_noisy(out_dir, n):
     return run_logged(out_dir, 3, "trainer", _noisy, n)
 
 
-def test_rank_log_tees_output_and_keeps_tracebacks_off_the_terminal(ranks, tmp_path, capfd):
-    """In a rank process (where sys.stdout is fd 1), as the launchers run it."""
+def test_rank_log_tees_output_and_keeps_tracebacks_off_the_terminal(tmp_path, capfd):
+    """In a rank process (where sys.stdout is fd 1), as the launchers run it; a fresh pool, so
+    its processes write to the fds captured here."""
     from distattn.train.ranklog import RankFailure, log_path
-    assert ranks(1, _logged_noisy, str(tmp_path), 0) == [0]
-    [failure] = ranks(1, _logged_noisy, str(tmp_path), 1)
+    pool = RankPool(1)
+    try:
+        assert pool.run(_logged_noisy, str(tmp_path), 0, timeout=30) == [0]
+        [failure] = pool.run(_logged_noisy, str(tmp_path), 1, timeout=30)
+    finally:
+        pool.close()
     shown = capfd.readouterr()
     log = log_path(tmp_path, 3).read_text()
     assert log.count("=== distattn rank 3 (trainer)") == 2  # appended per run

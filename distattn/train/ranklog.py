@@ -27,7 +27,7 @@ _ECHO_MARKERS = (
     "ncclremoteerror", "ncclsystemerror", "process group", "processgroup", "failed after",
     "peer", "collective",
 )
-_PLAIN_TYPES = (ValueError, RuntimeError, OSError)  # their message speaks for itself
+_PLAIN_TYPES = (ValueError, RuntimeError, OSError, FloatingPointError)  # their message speaks for itself
 
 
 def log_path(output_dir: str | os.PathLike, rank: int) -> Path:
