@@ -232,7 +232,7 @@ def test_the_table_is_large_enough():
     ([], []),
 ])
 def test_recall_preset_warns_when_its_promise_breaks(tmp_path, extra, warned):
-    """recall_8k promises an answer >= 4096 tokens back on another rank; a smaller seq_len or one
+    """recall_8k promises an answer >= 4096 tokens back, across ranks; a smaller seq_len or one
     rank keeps training but says which setting breaks it and what keeps it."""
     from distattn.config import load_config
     from distattn.train.preflight import check

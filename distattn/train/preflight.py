@@ -21,7 +21,7 @@ from distattn.cli_args import UsageError
 from distattn.train import resume as ckpts
 
 # presets whose comment promises a distance: (data.seq_len that keeps it, the promise)
-PROMISES = {"recall_8k": (8192, "the answer lies >= 4096 tokens back, on another rank")}
+PROMISES = {"recall_8k": (8192, "the answer lies >= 4096 tokens back (half the sequence)")}
 
 
 @dataclass
