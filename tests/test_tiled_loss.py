@@ -67,3 +67,24 @@ def test_peak_memory_holds_one_tile_of_logits():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         tiled_linear_cross_entropy(h, w, y, s, 64)
     assert sum(saved) <= h.numel() + w.numel()
+
+
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+        "model.num_query_groups=2", "model.ffn_hidden_size=128", "data.seq_len=192",
+        "train.steps=3", "train.tensorboard=false",
+        # Adam divides by |g|: with eps 1e-8 a weight whose gradient is ~1e-9 moves by a good part of lr
+        # on rounding alone; eps 1e-6 keeps such weights still, so parameters compare to 1e-5
+        "train.adam_eps=1e-6"]
+
+
+@pytest.mark.parametrize("cp,scheme,extra", [(1, "local", ()), (2, "ring", ("model.tie_embeddings=true",))])
+def test_step_with_tiled_loss_equals_untiled(ranks, tmp_path, cp, scheme, extra):
+    from distattn.config import load_config
+    from train_util import one_step
+    common = TINY + [f"parallel.cp={cp}", f"attention.scheme={scheme}", *extra]
+    base = load_config(None, common + [f"run.output_dir={tmp_path / 'a'}"])
+    tiled = load_config(None, common + [f"run.output_dir={tmp_path / 'b'}", "model.loss_tile=40"])
+    (l1, p1), = [r for r in ranks(cp, one_step, base.model_dump(), 2) if r is not None]
+    (l2, p2), = [r for r in ranks(cp, one_step, tiled.model_dump(), 2) if r is not None]
+    assert l1 == pytest.approx(l2, rel=1e-6)
+    torch.testing.assert_close(p2, p1, atol=1e-5, rtol=0)  # tests/test_train.py's tolerance

@@ -164,6 +164,8 @@ class ModelConfig(_Section):
     # long context: run each MLP over tiles of this many local tokens, recomputed in the backward
     # (0: untiled), so [T, ffn] never exists whole
     mlp_tile: NonNegInt = 0
+    # the output projection + cross-entropy over tiles of this many tokens (0: untiled): no [T, vocab]
+    loss_tile: NonNegInt = 0
 
     @property
     def head_dim(self) -> int:

@@ -232,7 +232,7 @@ class Trainer:
             tokens, labels, mask, pos = self._local(b)
             self.ctx.set_batch(b.cu_seqlens, pos, b.tokens.numel())
             with self._offload():
-                loss = self._loss(model, tokens, labels, mask, pos, denom)
+                loss = self._loss(model, tokens, labels, mask, pos, denom, cfg.model.loss_tile)
             loss_sum += loss.detach()
             if self.engine is not None:
                 with self._zero_comm():
@@ -257,13 +257,25 @@ class Trainer:
         return log
 
     @staticmethod
-    def _loss(model, tokens, labels, mask, pos, denom):
+    def _loss(model, tokens, labels, mask, pos, denom, tile: int = 0):
         """The micro-batch's share of the step loss.
 
         A function of its own so the logits ([T_local, vocab], the largest
         activation of a small model) are freed once the loss exists instead of
-        living through the backward as a local variable.
+        living through the backward as a local variable. With `model.loss_tile`
+        the logits never exist whole: the model stops at the final norm and the
+        output projection and cross-entropy run over tiles of tokens.
         """
+        if tile:
+            from distattn.model.tiled_loss import tiled_linear_cross_entropy
+            model.post_process = False  # megatron returns the final hidden states [s, 1, h]
+            try:
+                hidden = model(tokens[None], pos[None], None)[:, 0]
+            finally:
+                model.post_process = True
+            weight = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
+                      else model.output_layer.weight)
+            return tiled_linear_cross_entropy(hidden, weight, labels, mask.float() / denom, tile)
         logits = model(tokens[None], pos[None], None)[0]  # [T_local, vocab]
         per_tok = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
         return (per_tok * mask).sum() / denom
