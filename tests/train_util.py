@@ -17,7 +17,8 @@ def one_step(cfg_dict: dict, steps: int = 1):
         return None
     tr = Trainer(cfg, quiet=True)
     losses = [tr.train_step().loss for _ in range(steps)]
-    flat = torch.cat([p.detach().reshape(-1).float() for p in tr.model.parameters()])
+    from distattn.train.fsdp import full_tensor  # sharded (train.shard=fsdp) parameters whole
+    flat = torch.cat([full_tensor(p.detach()).reshape(-1).float() for p in tr.model.parameters()])
     tr.release_servers()
     tr.mesh.destroy()
     return (losses, flat) if dist.get_rank() == 0 else None

@@ -305,6 +305,9 @@ class TrainConfig(_Section):
     weight_decay: NonNegFloat = 0.1
     grad_clip: NonNegFloat = 1.0  # 0 turns clipping off
     zero_stage: Literal[0, 1, 2] = 0
+    # none: every trainer rank holds all parameters; fsdp: parameters, gradients and AdamW state sharded
+    # over the dp x cp trainer ranks (FSDP2), gathered per layer when it runs
+    shard: Literal["none", "fsdp"] = "none"
     log_every: PosInt = 10
     ckpt_every: NonNegInt = 50  # 0: no periodic checkpoints
     schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
@@ -511,6 +514,13 @@ class Config(_Section):
             problems.append(f"parallel.attention_servers={par.attention_servers} with "
                             f"train.zero_stage={self.train.zero_stage}: DeepSpeed would include the servers "
                             f"in its groups; set train.zero_stage=0 or parallel.attention_servers=0")
+        if self.train.shard == "fsdp" and self.train.zero_stage > 0:
+            problems.append(f"train.shard=fsdp and train.zero_stage={self.train.zero_stage} both shard the "
+                            f"optimizer state; choose one: train.zero_stage=0 (FSDP shards parameters too) or "
+                            f"train.shard=none")
+        if self.train.shard == "fsdp" and par.attention_servers > 0:
+            problems.append(f"train.shard=fsdp with parallel.attention_servers={par.attention_servers}: servers "
+                            f"hold no parameters to shard; set train.shard=none or parallel.attention_servers=0")
         nodes = self.launch.nodes
         if nodes and par.world_size % nodes:
             fits = ", ".join(str(d) for d in _divisors(par.world_size))

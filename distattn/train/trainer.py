@@ -149,6 +149,11 @@ class Trainer:
         if cfg.model.init_from and not resume:  # a resumed run has its own weights
             from distattn.train.init_weights import load_initial_weights
             load_initial_weights(self.model, cfg.model.init_from, self.mesh.trainer_group)
+        self.fsdp_ops = None
+        if cfg.train.shard == "fsdp":  # before the optimizer: it holds the sharded parameters
+            from distattn.train.fsdp import FsdpOps, shard_model
+            self.fsdp_ops = FsdpOps()
+            shard_model(self.model, self.mesh.trainer_group, self.fsdp_ops)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         decay = [q for q in self.params if q.dim() >= 2]
         no_decay = [q for q in self.params if q.dim() < 2]
@@ -228,6 +233,16 @@ class Trainer:
         loss_sum = torch.zeros(())
         scale = self.grad_comm.size if self.engine is not None else 1.0  # DeepSpeed averages
         c0 = time.thread_time()
+        with self._fsdp_comm():
+            self._forward_backward(model, batches, denom, scale, loss_sum)
+        compute_s = time.thread_time() - c0
+        grad_norm = self._sync_and_step()
+        total = loss_sum.clone()
+        self.grad_comm.all_reduce(total, op="sum")
+        return self._finish_step(total, batches, t0, compute_s, grad_norm)
+
+    def _forward_backward(self, model, batches, denom, scale, loss_sum) -> None:
+        cfg = self.cfg
         for b in batches:
             tokens, labels, mask, pos = self._local(b)
             self.ctx.set_batch(b.cu_seqlens, pos, b.tokens.numel())
@@ -239,10 +254,17 @@ class Trainer:
                     self.engine.backward(loss * scale)
             else:
                 loss.backward()
-        compute_s = time.thread_time() - c0
-        grad_norm = self._sync_and_step()
-        total = loss_sum.clone()
-        self.grad_comm.all_reduce(total, op="sum")
+
+    def _fsdp_comm(self):
+        """FSDP's collectives of the step, counted in the ledger under "fsdp" (train.shard=fsdp)."""
+        import contextlib
+        if self.fsdp_ops is None:
+            return contextlib.nullcontext()
+        from distattn.train.fsdp import counted
+        return counted(self.fsdp_ops, self.ledger)
+
+    def _finish_step(self, total, batches, t0: float, compute_s: float, grad_norm: float) -> StepLog:
+        cfg = self.cfg
         loss_val = total.item()
         if not math.isfinite(loss_val):
             raise FloatingPointError(f"non-finite loss {loss_val} at step {self.step + 1} on rank {self.rank}; "
@@ -322,6 +344,12 @@ class Trainer:
                 self.engine.step()
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
+        if self.fsdp_ops is not None:  # FSDP reduce-scattered the gradients already
+            norm = self._clip_sharded()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return norm
         grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         self.grad_comm.all_reduce(flat, op="sum")  # gradients of the global mean loss
@@ -336,6 +364,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return float(norm)
+
+    def _clip_sharded(self) -> float:
+        """The global gradient norm of sharded gradients (one scalar all-reduce through the ledger) and
+        clip_grad_norm_'s scaling of them, so the step equals the unsharded one."""
+        local = [q.grad.to_local() for q in self.params if q.grad is not None]
+        sq = torch.zeros((), dtype=torch.float32)
+        for g in local:
+            sq += g.float().square().sum()
+        self.grad_comm.all_reduce(sq, op="sum")
+        norm = float(sq.sqrt())
+        clip = self.cfg.train.grad_clip
+        if clip > 0:
+            coef = min(1.0, clip / (norm + 1e-6))
+            if coef < 1.0:
+                for g in local:
+                    g.mul_(coef)
+        return norm
 
     # -- checkpoints -----------------------------------------------------------------
     def save_checkpoint(self) -> Path:
