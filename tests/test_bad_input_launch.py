@@ -153,8 +153,6 @@ def test_rank_failure_is_one_line(case, tmp_path):
     argv = ["train", *launcher, *_sets(*TINY, "run.output_dir=runs/x")]
     res, streamed = _stream(argv, tmp_path, env, timeout=max_s, first="step     1/3")
     text = res.text
-    if name == "local" and "Traceback" in text and "WorkerFailure" in text:
-        pytest.xfail("distattn/train/cli.py does not catch WorkerFailure from --launcher local yet")
     log = f"runs/x/logs/rank{rank}.log"
     assert res.code == 1, text
     assert "Traceback" not in text, text

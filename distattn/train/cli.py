@@ -46,23 +46,24 @@ def cmd_train(args) -> int:
         raise
     if lead:
         plan.apply(lambda line: print(line, flush=True))
-    if launcher == "torchrun":
-        hist = train_torchrun(cfg, resume=plan.resume)
-    elif launcher == "local":
-        hist = train_local(cfg, resume=plan.resume)
-    else:
-        from distattn.train.ray_launch import LaunchError, WorkerFailure, train_ray
-        try:
+    from distattn.train.launch_errors import LaunchError, WorkerFailure  # no Ray import
+    try:
+        if launcher == "torchrun":
+            hist = train_torchrun(cfg, resume=plan.resume)
+        elif launcher == "local":
+            hist = train_local(cfg, resume=plan.resume)
+        else:
+            from distattn.train.ray_launch import train_ray
             hist = train_ray(cfg, resume=plan.resume, address=args.address)
-        except LaunchError as e:
-            print(f"distattn: launch error: {e}", file=sys.stderr)
-            return 2
-        except WorkerFailure as e:
-            print(f"distattn: training failed: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("distattn: interrupted; all ranks stopped", file=sys.stderr)
-            return 130
+    except LaunchError as e:
+        print(f"distattn: launch error: {e}", file=sys.stderr)
+        return 2
+    except WorkerFailure as e:  # one line per rank that caused it, with its log file
+        print(f"distattn: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("distattn: interrupted; all ranks stopped", file=sys.stderr)
+        return 130
     if hist and lead:
         first, last = hist[0], hist[-1]
         print(f"done: {len(hist)} steps, loss {first['loss']:.4f} -> {last['loss']:.4f}; "

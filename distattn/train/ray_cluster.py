@@ -167,8 +167,10 @@ def ray_session(cfg, address: str | None = None) -> Iterator[str]:
         where = connect(address, given, float(cfg.launch.start_timeout_s))
     else:
         cpus = max(1, math.ceil(cfg.parallel.world_size * cfg.launch.cpus_per_worker))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, logging_level="WARNING",
-                 object_store_memory=256 * 2**20)
+        # address="local": a cluster of this job's own, even when another job's (or `ray start`'s)
+        # runs on this machine, which ray.init would otherwise try to join
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+                 logging_level="WARNING", object_store_memory=256 * 2**20)
         where = f"local Ray cluster ({cpus} CPUs)"
     try:
         yield where
