@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_memory(sub)  # distattn plan memory (joins `plan` if it exists)
     from distattn.hf.cli import add_parser as add_convert
     add_convert(sub)
+    from distattn.eval.cli import add_parser as add_eval
+    add_eval(sub)
     return p
 
 

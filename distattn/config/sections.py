@@ -318,6 +318,7 @@ class TrainConfig(_Section):
     tensorboard: bool = True
     logger: Literal["none", "wandb", "mlflow"] = "none"  # one more logger beside TensorBoard (rank 0)
     comm_timeout_s: PosInt = 300  # a collective blocked this long fails instead of hanging
+    eval_every: NonNegInt = 0  # validation loss on eval.val_sequences held-out sequences every N steps (0: never)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -339,6 +340,44 @@ class TrainConfig(_Section):
                             f"or leave train.warmup_steps unset (null) for min({DEFAULT_WARMUP_STEPS}, steps/2)")
         _fail(problems)
         return self
+
+
+class EvalConfig(_Section):
+    """`distattn eval` and the validation loss of `train.eval_every` (see distattn.eval)."""
+
+    section_key: ClassVar[str] = "eval"
+    checkpoint: str | None = None  # what to evaluate (default: the run's latest checkpoint, else model.init_from)
+    task: Literal["needle", "recall"] = "needle"  # the retrieval probe of the heatmap
+    lengths: list[PosInt] = Field(default_factory=lambda: [1024, 2048, 4096])  # context lengths of the heatmap
+    depths: list[Annotated[float, BeforeValidator(_reject_bool), Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # where the answer sits (0: start, 1: end)
+    trials: PosInt = 4  # probes per (length, depth) cell
+    curve_data: Literal["task", "data"] = "task"  # loss by position on probe-task documents or data.*
+    curve_length: PosInt | None = None  # None: data.seq_len
+    curve_sequences: PosInt = 4
+    buckets: PosInt = 16  # position buckets of the loss curve
+    val_sequences: PosInt = 2  # held-out sequences of data.seq_len per train.eval_every
+    out_dir: str | None = None  # None: <run.output_dir>/eval
+    seed: AnyInt = 4242  # probes and held-out documents (training uses run.seed)
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        problems = []
+        short = [x for x in self.lengths if x < MIN_PROBE_LENGTH]
+        if short:
+            problems.append(f"lengths={self.lengths} has {short}: a probe needs at least {MIN_PROBE_LENGTH} "
+                            f"tokens; drop them from eval.lengths")
+        if not self.lengths or not self.depths:
+            problems.append("lengths and depths must not be empty; e.g. eval.lengths=[1024,2048] "
+                            "eval.depths=[0.0,0.5,1.0]")
+        if self.curve_length is not None and self.buckets > self.curve_length:
+            problems.append(f"buckets={self.buckets} exceeds curve_length={self.curve_length}; set eval.buckets "
+                            f"<= {self.curve_length}")
+        _fail(problems)
+        return self
+
+
+MIN_PROBE_LENGTH = 128
 
 
 class LaunchConfig(_Section):
@@ -476,6 +515,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
 
     @model_validator(mode="after")

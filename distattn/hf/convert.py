@@ -110,6 +110,8 @@ def locate_distattn(src: str | Path) -> tuple[Path, Path, dict[str, Any]]:
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if meta.get("format") == FORMAT:
         return src / "dcp", src / "config.yaml", meta
+    if (src / "dcp").is_dir() and (src / "config.yaml").is_file():  # a step that saved its own config
+        return src / "dcp", src / "config.yaml", meta
     if (src / "dcp").is_dir() and (src.parent.parent / "config.yaml").is_file():
         return src / "dcp", src.parent.parent / "config.yaml", meta
     if (src / "deepspeed").is_dir():

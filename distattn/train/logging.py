@@ -35,6 +35,19 @@ class _Wandb:
     def log(self, scalars: dict[str, float], step: int) -> None:
         self._run.log(scalars, step=step)
 
+    def log_validation(self, step: int, loss: float) -> None:
+        """train.eval_every: the held-out loss (console, TensorBoard val/loss, the extra logger)."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.add_scalar("val/loss", loss, step)
+            self.writer.flush()
+        if self.extra is not None:
+            self.extra.log({"val/loss": loss}, step)
+        if not self.quiet:
+            print(f"step {step:>5}/{self.cfg.train.steps}  validation loss {loss:.4f} "
+                  f"({self.cfg.eval.val_sequences} held-out sequences)", flush=True)
+
     def close(self) -> None:
         self._run.finish()
 
@@ -51,6 +64,19 @@ class _Mlflow:
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self._mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
+
+    def log_validation(self, step: int, loss: float) -> None:
+        """train.eval_every: the held-out loss (console, TensorBoard val/loss, the extra logger)."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.add_scalar("val/loss", loss, step)
+            self.writer.flush()
+        if self.extra is not None:
+            self.extra.log({"val/loss": loss}, step)
+        if not self.quiet:
+            print(f"step {step:>5}/{self.cfg.train.steps}  validation loss {loss:.4f} "
+                  f"({self.cfg.eval.val_sequences} held-out sequences)", flush=True)
 
     def close(self) -> None:
         self._mlflow.end_run()
@@ -117,6 +143,19 @@ class RunLogger:
             print(f"step {log.step:>5}/{t.steps}  loss {log.loss:.4f}  lr {log.lr:.2e}  "
                   f"gnorm {log.grad_norm:.2f}  {tok_s:,.0f} tok/s  comm {log.comm_bytes / 2**20:.1f} MiB "
                   f"exposed {log.exposed_s * 1e3:.0f} ms  eta {_fmt_eta(eta)}", flush=True)
+
+    def log_validation(self, step: int, loss: float) -> None:
+        """train.eval_every: the held-out loss (console, TensorBoard val/loss, the extra logger)."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.add_scalar("val/loss", loss, step)
+            self.writer.flush()
+        if self.extra is not None:
+            self.extra.log({"val/loss": loss}, step)
+        if not self.quiet:
+            print(f"step {step:>5}/{self.cfg.train.steps}  validation loss {loss:.4f} "
+                  f"({self.cfg.eval.val_sequences} held-out sequences)", flush=True)
 
     def close(self) -> None:
         if self.writer is not None:

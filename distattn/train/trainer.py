@@ -220,7 +220,7 @@ class Trainer:
         return (batch.tokens[idx], batch.labels[idx], batch.loss_mask[idx], lay.positions(self.cp_rank))
 
     def train_step(self) -> StepLog:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         t0 = time.perf_counter()
         self.ledger.reset()
         batches = self.stream.next_step(t.grad_accum)
@@ -409,6 +409,9 @@ class Trainer:
                     raise CommError(f"step {self.step + 1}, rank {self.rank}: {e} "
                                     f"(train.comm_timeout_s={cfg.train.comm_timeout_s})") from e
                 logger.log(log, self.ledger)
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                    from distattn.eval.run import validation_loss
+                    logger.log_validation(self.step, validation_loss(self))
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
                     self.save_checkpoint()
             if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every:
