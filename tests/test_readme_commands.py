@@ -35,5 +35,5 @@ def test_distattn_commands_in_the_readme_parse(capsys):
         words = shlex.split(c)
         if "distattn" in words[0]:
             parser.parse_args(words[1:])
-        elif words[:3] == ["torchrun", "--nproc-per-node", "2"] and "distattn.cli" in words:
+        elif words[0].endswith("torchrun") and "distattn.cli" in words:
             parser.parse_args(words[words.index("distattn.cli") + 1:])

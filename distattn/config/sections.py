@@ -282,6 +282,9 @@ class DataConfig(_Section):
     micro_batch_size: PosInt = 1
     synthetic_task: Literal["needle", "recall"] = "recall"
     jsonl_field: str = "text"
+    # text sources: token ids from this tokenizer (a Hugging Face model directory or tokenizer.json);
+    # None: UTF-8 bytes
+    tokenizer: str | None = None
     balance: Literal["tokens", "attention"] = "tokens"
     balance_max_defer: NonNegInt = 0
 

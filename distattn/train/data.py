@@ -55,12 +55,23 @@ def build_source(data_cfg, seed: int = 0, vocab_size: int = VOCAB_SIZE) -> DocSo
     kind = data_cfg.source
     if kind in _PATH_NEEDS and not data_cfg.path:
         raise DataError(f"data.path is required for data.source={kind}: set it to {_PATH_NEEDS[kind]}")
+    text = None
     if kind == "stdlib":
-        return StdlibSource()
-    if kind == "text_dir":
-        return TextDirSource(data_cfg.path)
-    if kind == "jsonl":
-        return JsonlSource(data_cfg.path, field=getattr(data_cfg, "jsonl_field", "text"))
+        text = StdlibSource()
+    elif kind == "text_dir":
+        text = TextDirSource(data_cfg.path)
+    elif kind == "jsonl":
+        text = JsonlSource(data_cfg.path, field=getattr(data_cfg, "jsonl_field", "text"))
+    tokenizer = getattr(data_cfg, "tokenizer", None)
+    if text is not None:
+        if tokenizer is None:
+            return text
+        from distattn.train.tokenized import TokenizedSource
+        return TokenizedSource(text, tokenizer, vocab_size)
+    if tokenizer is not None:
+        raise DataError(f"data.tokenizer applies to text sources (stdlib, text_dir, jsonl); "
+                        f"data.source={kind} holds {'token ids already' if kind == 'megatron' else 'bytes'}; "
+                        f"set data.tokenizer=null")
     if kind == "megatron":
         return MegatronSource(data_cfg.path, vocab_size=vocab_size)
     if kind == "synthetic":
