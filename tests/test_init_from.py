@@ -80,3 +80,20 @@ def test_bad_init_from_is_refused_before_launch(tmp_path, hf_dir):
                             "--set", out]), "model.hidden_size=32", "the checkpoint has 64")
     assert_refused(run_cli(["config", "--set", f"model.init_from={hf_dir}", "--set", "model.preset=tiny"]),
                    "model.preset=tiny", "drop model.preset")
+
+
+def test_sharded_run_starts_from_the_same_weights(ranks, tmp_path, hf_dir):
+    """train.shard=fsdp: each rank loads its shard (DCP reads shards; HF files are sliced), and the
+    whole parameters equal the unsharded start."""
+    from distattn.hf import hf_to_distattn
+    from train_util import one_step
+    hf_to_distattn(hf_dir, tmp_path / "conv")
+    base = COMMON + ["parallel.cp=2", "attention.scheme=ring", "train.adam_eps=1e-6"]
+    plain = load_config(None, base + [f"model.init_from={hf_dir}", f"run.output_dir={tmp_path / 'a'}"])
+    (l0, p0), = [r for r in ranks(2, one_step, plain.model_dump()) if r is not None]
+    for src in (hf_dir, tmp_path / "conv"):
+        sharded = load_config(None, base + [f"model.init_from={src}", "train.shard=fsdp",
+                                            f"run.output_dir={tmp_path / src.name}"])
+        (l1, p1), = [r for r in ranks(2, one_step, sharded.model_dump()) if r is not None]
+        assert l1[0] == pytest.approx(l0[0], rel=1e-6)
+        torch.testing.assert_close(p1, p0, atol=1e-5, rtol=0)

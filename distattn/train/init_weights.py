@@ -22,8 +22,22 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
 
 
+def _place(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `like`: as is, or this rank's shard of it (sharded parameters, no traffic)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    full = full.to(like.dtype)
+    if isinstance(like, DTensor):
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    return full
+
+
 def load_initial_weights(model: torch.nn.Module, path: str | Path, process_group=None) -> int:
-    """Copy the checkpoint's weights into `model` (every tensor must be there); returns how many."""
+    """Copy the checkpoint's weights into `model` (every tensor must be there); returns how many.
+
+    With sharded parameters (train.shard=fsdp) a distattn checkpoint is read shard by shard, each
+    rank reading only its part; a Hugging Face checkpoint's files are memory-mapped and each rank
+    keeps its slice.
+    """
     own = _tensors(model)
     if is_hf_directory(path):
         from distattn.hf.convert import load_hf
@@ -33,7 +47,7 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path, process_group
             raise ValueError(f"model.init_from={path}: the checkpoint lacks {missing[:4]}")
         with torch.no_grad():
             for name, t in own.items():
-                t.copy_(weights[name].to(t.dtype))
+                t.copy_(_place(weights[name], t))
         return len(own)
     import torch.distributed.checkpoint as dcp
 

@@ -146,14 +146,14 @@ class Trainer:
                                     rope_scaling=cfg.model.rope_scaling.to_rope(),
                                     softmax_group=attention_group(self.mesh))
         self.model = build_gpt(cfg.model, self.ctx, cfg.data.seq_len, seed=cfg.run.seed)
-        if cfg.model.init_from and not resume:  # a resumed run has its own weights
-            from distattn.train.init_weights import load_initial_weights
-            load_initial_weights(self.model, cfg.model.init_from, self.mesh.trainer_group)
         self.fsdp_ops = None
         if cfg.train.shard == "fsdp":  # before the optimizer: it holds the sharded parameters
             from distattn.train.fsdp import FsdpOps, shard_model
             self.fsdp_ops = FsdpOps()
             shard_model(self.model, self.mesh.trainer_group, self.fsdp_ops)
+        if cfg.model.init_from and not resume:  # a resumed run has its own weights
+            from distattn.train.init_weights import load_initial_weights
+            load_initial_weights(self.model, cfg.model.init_from, self.mesh.trainer_group)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         decay = [q for q in self.params if q.dim() >= 2]
         no_decay = [q for q in self.params if q.dim() < 2]
