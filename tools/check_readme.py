@@ -36,7 +36,7 @@ SUBSTITUTES = [
     (r"my_job\.yaml", "a placeholder for the user's own config",
      ".venv/bin/distattn train --help"),
     (r"^ray start --head\b", "starts a Ray head that would outlive this check; `distattn train` "
-     "starts and stops its own local Ray cluster in the commands above", "ray --version"),
+     "starts and stops its own local Ray cluster in the commands above", ".venv/bin/ray --version"),
     (r"^tools/reproduce_all\.sh$", "regenerates every figure of docs/benchmarks.md (hours on 2 cores)",
      "tools/reproduce_all.sh --list"),
 ]
@@ -107,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per command (default 900)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = ap.parse_args(argv)
+    stamp, project = REPO / ".venv" / ".installed", REPO / "pyproject.toml"
+    if not stamp.exists() or stamp.stat().st_mtime < project.stat().st_mtime:
+        print("check_readme: .venv is missing or older than pyproject.toml; run `make install` first "
+              "(`make` in the scratch directory would install the project from there)", file=sys.stderr)
+        return 1
     commands = readme_commands((REPO / "README.md").read_text())
     if not commands:
         print("check_readme: README.md has no ```bash commands", file=sys.stderr)
