@@ -282,6 +282,8 @@ class DataConfig(_Section):
     micro_batch_size: PosInt = 1
     synthetic_task: Literal["needle", "recall"] = "recall"
     jsonl_field: str = "text"
+    # which labels the loss counts: all, or only a synthetic task's answer tokens (a strong, sparse signal)
+    loss_on: Literal["all", "answers"] = "all"
     # text sources: token ids from this tokenizer (a Hugging Face model directory or tokenizer.json);
     # None: UTF-8 bytes
     tokenizer: str | None = None
@@ -290,6 +292,9 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        if self.loss_on == "answers" and self.source != "synthetic":
+            _fail([f"loss_on=answers needs answer tokens, which only data.source=synthetic marks; got "
+                   f"source={self.source!r}; set data.loss_on=all"])
         if self.source in ("text_dir", "jsonl", "megatron") and not self.path:
             what = {"text_dir": "a directory of .txt files", "jsonl": "a .jsonl file",
                     "megatron": "a Megatron .bin/.idx path prefix (no extension)"}[self.source]

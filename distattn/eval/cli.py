@@ -37,6 +37,8 @@ def _step_of(target: str) -> int:
 
 def cmd_eval(args) -> int:
     from distattn.config import load_config
+    from distattn.train import quiet
+    quiet.install()
     target = _target(args)
     # the shape comes from the checkpoint; keys of the config that contradict it are refused here
     overrides = [o for o in args.overrides if not o.startswith("model.init_from=")]

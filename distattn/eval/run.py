@@ -78,7 +78,9 @@ def eval_on_rank(cfg_dict: dict, checkpoint: str) -> dict | None:
     import torch.distributed as dist
 
     from distattn.config import Config
+    from distattn.train import quiet
     from distattn.train.trainer import Trainer
+    quiet.install()
     cfg = Config.model_validate(cfg_dict)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": checkpoint})})
     tr = Trainer(cfg, quiet=True)

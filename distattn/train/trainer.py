@@ -217,7 +217,13 @@ class Trainer:
     def _local(self, batch):
         lay = self.softmax_scheme.layout(batch.tokens.numel(), self.cfg.parallel.cp, batch.cu_seqlens)
         idx = lay.indices(self.cp_rank)
-        return (batch.tokens[idx], batch.labels[idx], batch.loss_mask[idx], lay.positions(self.cp_rank))
+        return (batch.tokens[idx], batch.labels[idx], self._loss_mask(batch)[idx], lay.positions(self.cp_rank))
+
+    def _loss_mask(self, batch):
+        """Which labels count: every token's, or (data.loss_on=answers) a synthetic task's answers only."""
+        if self.cfg.data.loss_on == "answers":
+            return batch.loss_mask * batch.answer_mask
+        return batch.loss_mask
 
     def train_step(self) -> StepLog:
         t = self.cfg.train
@@ -225,7 +231,7 @@ class Trainer:
         self.ledger.reset()
         batches = self.stream.next_step(t.grad_accum)
         # the global number of loss tokens in this step (same on the cp ranks of a dp group)
-        count = torch.tensor([float(sum(b.loss_mask.sum().item() for b in batches))])
+        count = torch.tensor([float(sum(self._loss_mask(b).sum().item() for b in batches))])
         self.dp_comm.all_reduce(count, op="sum")
         denom = max(count.item(), 1.0)
         model = self.engine.module if self.engine is not None else self.model
