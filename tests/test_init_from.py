@@ -97,3 +97,19 @@ def test_sharded_run_starts_from_the_same_weights(ranks, tmp_path, hf_dir):
         (l1, p1), = [r for r in ranks(2, one_step, sharded.model_dump()) if r is not None]
         assert l1[0] == pytest.approx(l0[0], rel=1e-6)
         torch.testing.assert_close(p1, p0, atol=1e-5, rtol=0)
+
+
+def test_the_checkpoints_rope_scaling_is_kept_and_refined(tmp_path):
+    """The embedded default file's rope_scaling (none) must not replace a checkpoint's scaling."""
+    import json
+    d = tmp_path / "hf31"
+    d.mkdir()
+    d.joinpath("config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}))
+    rs = load_config(None, [f"model.init_from={d}"]).model.rope_scaling
+    assert (rs.type, rs.factor, rs.original_max_position_embeddings) == ("llama3", 8.0, 8192)
+    rs = load_config(None, [f"model.init_from={d}", "model.rope_scaling.factor=16"]).model.rope_scaling
+    assert (rs.type, rs.factor, rs.original_max_position_embeddings) == ("llama3", 16.0, 8192)

@@ -115,10 +115,18 @@ def _drop_defaults(data: dict[str, Any]) -> dict[str, Any]:
             out[section] = values
             continue
         fields = model.model_fields
-        out[section] = {k: v for k, v in values.items()
-                        if not (k in fields and not fields[k].is_required() and v == fields[k].get_default(
-                            call_default_factory=True))}
+        out[section] = {k: v for k, v in values.items() if not (k in fields and _is_default(fields[k], v))}
     return out
+
+
+def _is_default(field, value: Any) -> bool:
+    """Whether a YAML value equals a field's default (a nested section compares as its mapping)."""
+    if field.is_required():
+        return False
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, BaseModel):
+        default = default.model_dump()
+    return value == default
 
 
 def _attribute(problems: list[str], overrides: list[str], source: str | None) -> list[str]:
