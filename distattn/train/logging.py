@@ -35,19 +35,6 @@ class _Wandb:
     def log(self, scalars: dict[str, float], step: int) -> None:
         self._run.log(scalars, step=step)
 
-    def log_validation(self, step: int, loss: float) -> None:
-        """train.eval_every: the held-out loss (console, TensorBoard val/loss, the extra logger)."""
-        if not self.enabled:
-            return
-        if self.writer is not None:
-            self.writer.add_scalar("val/loss", loss, step)
-            self.writer.flush()
-        if self.extra is not None:
-            self.extra.log({"val/loss": loss}, step)
-        if not self.quiet:
-            print(f"step {step:>5}/{self.cfg.train.steps}  validation loss {loss:.4f} "
-                  f"({self.cfg.eval.val_sequences} held-out sequences)", flush=True)
-
     def close(self) -> None:
         self._run.finish()
 
@@ -64,19 +51,6 @@ class _Mlflow:
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self._mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
-
-    def log_validation(self, step: int, loss: float) -> None:
-        """train.eval_every: the held-out loss (console, TensorBoard val/loss, the extra logger)."""
-        if not self.enabled:
-            return
-        if self.writer is not None:
-            self.writer.add_scalar("val/loss", loss, step)
-            self.writer.flush()
-        if self.extra is not None:
-            self.extra.log({"val/loss": loss}, step)
-        if not self.quiet:
-            print(f"step {step:>5}/{self.cfg.train.steps}  validation loss {loss:.4f} "
-                  f"({self.cfg.eval.val_sequences} held-out sequences)", flush=True)
 
     def close(self) -> None:
         self._mlflow.end_run()
