@@ -42,6 +42,16 @@ bf16 is planned at 2 bytes per element but not validated: on CPU its steps
 measured 1.25-2x the plan, because the CPU RMSNorm saves fp32 copies of its
 input and output and the CPU attention kernels keep fp32 workspaces.
 
+Long-context modes (planned, not yet checked against measurement):
+train.shard=fsdp divides parameters, gradients and AdamW state by dp*cp and adds,
+at every moment, the root's whole parameters (embeddings, final norm: they stay
+gathered from forward to backward), two layers' whole parameters (the running
+one and the prefetched one) and one layer's whole gradient. model.loss_tile
+replaces the V-wide per-token loss tensors by one tile's fp32 logits and
+gradient, the hidden states' gradient (formed in the forward) and the output
+weight's fp32 gradient. model.mlp_tile keeps only the MLP input per token and
+rebuilds one tile's SwiGLU activations in the backward.
+
 The longest context is the largest seq_len (a multiple of 2*cp, as zigzag
 needs) whose predicted peak fits the budget, found by bisection.
 """
@@ -96,6 +106,11 @@ def param_count(m) -> int:
     layer = h * qkv + h * h + 2 * h + h * 2 * f + f * h + (qkv if getattr(m, "qkv_bias", False) else 0)
     embeddings = (1 if getattr(m, "tie_embeddings", False) else 2) * v * h
     return embeddings + m.num_layers * layer + h
+
+
+def _root_params(m) -> int:
+    """Parameters outside the layers: embeddings (one matrix when tied) and the final norm."""
+    return (1 if getattr(m, "tie_embeddings", False) else 2) * m.vocab_size * m.hidden_size + m.hidden_size
 
 
 def _layer_saved(m, s: int) -> dict[str, float]:
@@ -155,12 +170,15 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
     scheme = _scheme(cfg.attention.scheme if scheme is None else scheme)
     recompute = _recompute(m.recompute if recompute is None else recompute)
     s = 2 if m.dtype == "bf16" else 4
-    h, d, kv, f, V = m.hidden_size, m.head_dim, m.num_query_groups, m.ffn_hidden_size, m.vocab_size
+    h, d, kv, V = m.hidden_size, m.head_dim, m.num_query_groups, m.vocab_size
     T = -(-n // cp)  # tokens on this rank
     P = param_count(m)
     shards = dp * cp
     params = P * s
-    if t.zero_stage == 0:
+    fsdp = getattr(t, "shard", "none") == "fsdp"
+    if fsdp:  # FSDP2: every parameter, its gradient and its AdamW moments split over dp x cp
+        params, grads, optim = -(-P * s // shards), -(-P * s // shards), -(-2 * P * s // shards)
+    elif t.zero_stage == 0:
         grads, optim = P * s + 4 * P, 2 * P * s
     else:  # DeepSpeed: fp32 moments (and an fp32 master copy with bf16 weights)
         opt_full = 8 * P + (4 * P if s == 2 else 0)
@@ -168,6 +186,11 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
         grads = P * s + (4 * P // shards if t.zero_stage == 2 else 4 * P)
 
     part = _layer_saved(m, s)
+    mlp_tile = getattr(m, "mlp_tile", 0)
+    mlp_whole = part["mlp"]
+    if mlp_tile:  # each MLP keeps only its tiles' inputs; one tile's activations are rebuilt at a time
+        part = {**part, "mlp": h * s}
+        part["full"] = part["core"] + part["attn_rest"] + part["mlp"]
     L = m.num_layers
     if recompute == "none":
         kept, redo = part["full"], 0.0
@@ -183,20 +206,33 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
     once = 8 + 8 + 4 + 2 * d * 4                      # tokens, labels, per-token loss, RoPE cos/sin
     base = L * kept + once
     # 1. the loss: saved log-softmax (fp32) and the final norm output, plus the
-    #    gradients of the log-softmax and of the logits
-    loss = base + 4 * V + h * s + 2 * 4 * V
+    #    gradients of the log-softmax and of the logits; tiled (model.loss_tile), one tile's fp32
+    #    logits and their gradient, the hidden states' gradient (formed in the forward) and the
+    #    output weight's fp32 gradient
+    loss_tile = getattr(m, "loss_tile", 0)
+    if loss_tile:
+        loss = base + h * s + h * s + (min(loss_tile, T) * V * (8 + s) + 4 * V * h) / T
+    else:
+        loss = base + 4 * V + h * s + 2 * 4 * V
     # 2. the last layer's MLP backward: its activations (rebuilt, with
     #    recomputation, together with the rebuilt forward's h-wide output) and
     #    three h-wide gradients (residual stream, MLP output, norm input); its
     #    saved tensors are freed as it proceeds
     mlp = base + redo + (h * s if redo else 0) + 3 * h * s
+    if mlp_tile:  # one tile's SwiGLU activations rebuilt for its backward
+        mlp += min(mlp_tile, T) * mlp_whole / T
     # 3. its core attention backward: the MLP's saved tensors are gone; the
     #    gradients of out, q, k, v and the scheme's backward buffers are live
     attn_grads = (2 * h + 4 * kv * d) * s
     _, comm_bwd = _comm_buffers(scheme, cp, T, m, s)
     attn = base + redo - part["mlp"] + attn_grads
-    phases = {"loss": (loss, 0.0), "mlp_backward": (mlp, 0.0),
-              "attention_backward": (attn, comm_bwd / T)}
+    gathered = 0.0
+    if fsdp:  # the root's parameters stay whole from forward to backward; a layer's whole
+        # parameters, the next one's (prefetched) and its whole gradient before the reduce-scatter
+        layer = (P - _root_params(m)) / L
+        gathered = (_root_params(m) + 3 * layer) * s / T
+    phases = {"loss": (loss, gathered), "mlp_backward": (mlp, gathered),
+              "attention_backward": (attn, comm_bwd / T + gathered)}
     phase, (peak, comm) = max(phases.items(), key=lambda kv_: kv_[1][0] + kv_[1][1])
     activations = int(T * base)
     transient = int(T * (peak - base))

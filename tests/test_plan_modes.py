@@ -1,0 +1,37 @@
+"""The memory planner models train.shard=fsdp, model.loss_tile and model.mlp_tile (pure arithmetic)."""
+from __future__ import annotations
+
+from distattn.config import load_config
+from distattn.plan.memory import GIB, longest_context, param_count, predict_memory
+
+LLAMA8B = ["model.preset=llama3_8b", "parallel.cp=8", "model.recompute=full"]
+
+
+def test_fsdp_divides_the_static_memory_by_the_ranks():
+    plain = predict_memory(load_config(None, LLAMA8B), seq_len=65536)
+    fsdp = predict_memory(load_config(None, LLAMA8B + ["train.shard=fsdp"]), seq_len=65536)
+    P = param_count(load_config(None, LLAMA8B).model)
+    assert fsdp.static == -(-P * 2 // 8) * 2 + -(-4 * P // 8)
+    assert fsdp.static < plain.static / 5
+    assert fsdp.comm > 0  # the root and two layers gathered whole, a layer's whole gradient
+
+
+def test_tiles_shrink_the_loss_and_mlp_moments():
+    base = load_config(None, LLAMA8B + ["train.shard=fsdp"])
+    untiled = predict_memory(base, seq_len=1 << 20)
+    tiled_loss = predict_memory(load_config(None, LLAMA8B + ["train.shard=fsdp", "model.loss_tile=4096"]),
+                                seq_len=1 << 20)
+    assert untiled.phase == "loss" and tiled_loss.total < untiled.total / 2
+    no_recompute = ["model.preset=llama3_8b", "parallel.cp=8", "train.shard=fsdp"]
+    a = predict_memory(load_config(None, no_recompute), seq_len=65536)
+    b = predict_memory(load_config(None, no_recompute + ["model.mlp_tile=2048"]), seq_len=65536)
+    assert b.activations < a.activations * 0.6
+
+
+def test_each_option_lengthens_the_planned_context():
+    budget = 80 * GIB
+    steps = [[], ["train.shard=fsdp"], ["train.shard=fsdp", "model.loss_tile=4096"],
+             ["train.shard=fsdp", "model.loss_tile=4096", "model.mlp_tile=4096"]]
+    longest = [longest_context(load_config(None, LLAMA8B + s), budget, cp=8) for s in steps]
+    assert longest[0] == 0  # without sharding, static memory alone (92 GB) is over the budget
+    assert longest == sorted(longest) and longest[-1] > 4 * longest[1] > 0
