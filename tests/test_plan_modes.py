@@ -35,3 +35,13 @@ def test_each_option_lengthens_the_planned_context():
     longest = [longest_context(load_config(None, LLAMA8B + s), budget, cp=8) for s in steps]
     assert longest[0] == 0  # without sharding, static memory alone (92 GB) is over the budget
     assert longest == sorted(longest) and longest[-1] > 4 * longest[1] > 0
+
+
+def test_offloaded_activations_move_to_the_host_column():
+    on = LLAMA8B + ["train.shard=fsdp", "model.loss_tile=4096", "model.mlp_tile=4096"]
+    a = predict_memory(load_config(None, on), seq_len=1 << 20)
+    b = predict_memory(load_config(None, on + ["model.offload_activations=true"]), seq_len=1 << 20)
+    T = (1 << 20) // 8
+    assert a.host == 0 and b.host == 32 * T * 4096 * 2  # every layer's bf16 input
+    assert b.activations < a.activations / 10
+    assert longest_context(load_config(None, on + ["model.offload_activations=true"]), 80 * GIB, cp=8) >= 4_000_000

@@ -83,6 +83,7 @@ class MemoryPlan:
     transient: int
     comm: int
     phase: str = ""       # the moment of the step that sets the peak
+    host: int = 0         # saved activations held in host memory (model.offload_activations)
 
     @property
     def static(self) -> int:
@@ -205,6 +206,10 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
         raise ConfigError(f"recompute={recompute!r}; choose one of {', '.join(RECOMPUTE)}")
     once = 8 + 8 + 4 + 2 * d * 4                      # tokens, labels, per-token loss, RoPE cos/sin
     base = L * kept + once
+    host = 0.0
+    if getattr(m, "offload_activations", False):  # saved tensors wait in host memory; the device holds
+        host = L * kept                             # the layer being rebuilt and the one fetched next
+        base = min(L, 2) * kept + once
     # 1. the loss: saved log-softmax (fp32) and the final norm output, plus the
     #    gradients of the log-softmax and of the logits; tiled (model.loss_tile), one tile's fp32
     #    logits and their gradient, the hidden states' gradient (formed in the forward) and the
@@ -238,7 +243,7 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
     transient = int(T * (peak - base))
     return MemoryPlan(seq_len=n, world=cp, scheme=scheme, recompute=recompute, params=params,
                       grads=grads, optimizer=optim, activations=activations, transient=transient,
-                      comm=int(T * comm), phase=phase)
+                      comm=int(T * comm), phase=phase, host=int(T * host))
 
 
 def longest_context(cfg, budget_bytes: float, cp: int, scheme: str | None = None,
@@ -318,16 +323,19 @@ def plan_table(cfg, budget_gib: float, worlds: list[int], schemes: list[str],
                              "peak_mib": here.total / MIB, "static_mib": here.static / MIB,
                              "act_mib": here.activations / MIB,
                              "transient_mib": (here.transient + here.comm) / MIB,
-                             "peak_at": here.phase, "longest": longest})
+                             "peak_at": here.phase, "longest": longest, "host_mib": here.host / MIB})
     return rows
 
 
 def format_table(rows: list[dict], budget_gib: float) -> str:
+    host = any(r.get("host_mib", 0) for r in rows)  # a host column only when activations are offloaded
     head = (f"{'scheme':<10} {'cp':>3} {'recompute':<9} {'seq_len':>9} {'peak MiB':>9} {'static':>8} "
-            f"{'activ.':>8} {'transient':>9} {'peak at':<18}  longest @ {budget_gib:g} GiB")
+            f"{'activ.':>8} {'transient':>9}" + (f" {'host MiB':>9}" if host else "")
+            + f" {'peak at':<18}  longest @ {budget_gib:g} GiB")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['scheme']:<10} {r['cp']:>3} {r['recompute']:<9} {r['seq_len']:>9} "
                      f"{r['peak_mib']:>9.1f} {r['static_mib']:>8.1f} {r['act_mib']:>8.1f} "
-                     f"{r['transient_mib']:>9.1f} {r['peak_at']:<18}  {r['longest']:>10}")
+                     f"{r['transient_mib']:>9.1f}" + (f" {r['host_mib']:>9.1f}" if host else "")
+                     + f" {r['peak_at']:<18}  {r['longest']:>10}")
     return "\n".join(lines)
