@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the demo starts over each time: --overwrite replaces runs/default's checkpoints and logs
 run: $(STAMP)
-	$(VENV)/bin/distattn train configs/default.yaml
+	$(VENV)/bin/distattn train configs/default.yaml --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
