@@ -45,3 +45,15 @@ def test_offloaded_activations_move_to_the_host_column():
     assert a.host == 0 and b.host == 32 * T * 4096 * 2  # every layer's bf16 input
     assert b.activations < a.activations / 10
     assert longest_context(load_config(None, on + ["model.offload_activations=true"]), 80 * GIB, cp=8) >= 4_000_000
+
+
+def test_planner_matches_the_measured_peak_with_fsdp_and_tiles():
+    """fsdp + tiled loss + tiled MLP at cp=2, 16K tokens, full recomputation: the planner within 10% of
+    the measured peak growth of a step (fresh processes; fp32; docs/benchmarks.md has the other modes)."""
+    from distattn.bench.memory import measure
+    cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+                             "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.vocab_size=4096",
+                             "train.shard=fsdp", "model.loss_tile=1024", "model.mlp_tile=1024"])
+    got = measure(cfg, 16384, 2, "ring", "full", timeout=300)["peak_growth"]
+    plan = predict_memory(cfg, 16384, cp=2, scheme="ring", recompute="full")
+    assert 0.9 <= (plan.total - plan.params) / got <= 1.1, ((plan.total - plan.params) / got)

@@ -189,8 +189,8 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
     part = _layer_saved(m, s)
     mlp_tile = getattr(m, "mlp_tile", 0)
     mlp_whole = part["mlp"]
-    if mlp_tile:  # each MLP keeps only its tiles' inputs; one tile's activations are rebuilt at a time
-        part = {**part, "mlp": h * s}
+    if mlp_tile:  # the MLP's f-wide tensors are rebuilt one tile at a time; its norm keeps its own
+        part = {**part, "mlp": 3 * h * s + 4}
         part["full"] = part["core"] + part["attn_rest"] + part["mlp"]
     L = m.num_layers
     if recompute == "none":
