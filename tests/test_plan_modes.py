@@ -57,3 +57,20 @@ def test_planner_matches_the_measured_peak_with_fsdp_and_tiles():
     got = measure(cfg, 16384, 2, "ring", "full", timeout=300)["peak_growth"]
     plan = predict_memory(cfg, 16384, cp=2, scheme="ring", recompute="full")
     assert 0.9 <= (plan.total - plan.params) / got <= 1.1, ((plan.total - plan.params) / got)
+
+
+def test_options_table_and_the_cheapest_fit():
+    from cli_util import run_cli
+    from distattn.plan.options import cheapest, option_rows
+    cfg = load_config(None, LLAMA8B + ["data.seq_len=1048576"])
+    rows = option_rows(cfg, 80)
+    assert len(rows) == 48
+    best = cheapest(rows)
+    assert best["fits"] and all(r["cost"] >= best["cost"] for r in rows if r["fits"])
+    assert best["longest"] >= 1048576
+    res = run_cli(["plan", "memory", "configs/models/llama3_8b.yaml", "--set", "parallel.cp=8", "--set",
+                   "data.seq_len=1048576", "--options"])
+    assert res.code == 0 and "cheapest that fits 1048576 tokens: --set train.shard=fsdp" in res.out, res.text
+    tiny = run_cli(["plan", "memory", "configs/models/llama3_8b.yaml", "--set", "parallel.cp=1", "--set",
+                    "data.seq_len=16777216", "--budget-gib", "8", "--options"])
+    assert tiny.code == 0 and "nothing fits" in tiny.out

@@ -68,6 +68,9 @@ def add_memory_parser(sub):
     pm.add_argument("--recompute", type=recompute_list, default=None, metavar="MODE,...",
                     help="comma-separated recompute modes among none, selective, full "
                          "(default: the config's model.recompute)")
+    pm.add_argument("--options", action="store_true",
+                    help="every combination of train.shard, model.recompute, model.loss_tile, model.mlp_tile "
+                         "and model.offload_activations at the config's cp and seq_len, and the cheapest that fits")
     pm.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON here")
     pm.set_defaults(fn=cmd_plan_memory)
     return pm
@@ -76,6 +79,12 @@ def add_memory_parser(sub):
 def cmd_plan_memory(args) -> int:
     from distattn.plan.memory import format_table, plan_table
     cfg = load(args)
+    if args.options:
+        from distattn.plan.options import format_options, option_rows
+        rows = option_rows(cfg, args.budget_gib)
+        print(format_options(rows, args.budget_gib, cfg.data.seq_len))
+        write_json(args.json, rows)
+        return 0
     worlds = args.worlds or sorted({1, cfg.parallel.cp})
     schemes = args.schemes or [cfg.attention.scheme]
     rcs = args.recompute or [cfg.model.recompute]
