@@ -1,4 +1,4 @@
-"""`distattn` command line: train, bench, config, profile, sweep, simulate, plan.
+"""`distattn` command line: train, eval, convert, bench, config, profile, sweep, simulate, plan.
 
 Every command takes a YAML config (default: the embedded configs/default.yaml)
 and `--set a.b=c` overrides, validated before anything starts.
