@@ -70,15 +70,17 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distattn.profile.labels import COMM, COMM_WAIT, comm_op, region
+from distattn.comm_handle import CommError, Handle
+from distattn.foreign_comm import FOREIGN_OPS, ledgered_backend, tensor_bytes
+from distattn.profile.labels import comm_op
 
 __all__ = [
     "CommRecord",
@@ -91,6 +93,7 @@ __all__ = [
     "OPS",
     "REDUCE_OPS",
     "FOREIGN_OPS",
+    "TorchCollectives",
     "ledgered_backend",
 ]
 
@@ -236,71 +239,10 @@ def default_ledger() -> CommLedger:
     return _DEFAULT_LEDGER
 
 
-# ----------------------------------------------------------------------------- handle
-
-
-class CommError(RuntimeError):
-    """A collective failed or timed out; the message names the op, group size and phase."""
-
-
-
-class Handle:
-    """Result of an async op. wait() blocks, returns the result, and records exposed time = time spent in wait().
-
-    Waiting twice returns the same result and records once.
-    """
-
-    def __init__(self, ledger: CommLedger, op: str, group_size: int, bytes_sent: int,
-                 bytes_recv: int, works: Sequence[Any], finish: Callable[[], Any],
-                 cuda: bool = False, start: float | None = None) -> None:
-        self._ledger = ledger
-        self._op = op
-        self._group_size = group_size
-        self._bytes = (bytes_sent, bytes_recv)
-        self._works = list(works)
-        self._finish = finish
-        self._cuda = cuda
-        self._start = start  # set for sync ops: the clock started before the launch
-        self._tag = ledger.current_tag  # the phase that issued the op owns it
-        self._done = False
-        self._result: Any = None
-
-    def wait(self) -> Any:
-        if self._done:
-            return self._result
-        if self._start is None:  # async: the blocked time is this call (sync ops are labelled whole)
-            with region(COMM_WAIT + self._op):
-                return self._wait()
-        return self._wait()
-
-    def _wait(self) -> Any:
-        t0 = time.perf_counter() if self._start is None else self._start
-        try:
-            for w in self._works:
-                w.wait()
-        except RuntimeError as e:  # a dead peer or the process-group time-out: say which op
-            raise CommError(f"{self._op} over a group of {self._group_size} ranks "
-                            f"(phase {self._tag or 'untagged'}) failed after "
-                            f"{time.perf_counter() - t0:.1f}s: {e}") from e
-        result = self._finish()
-        if self._cuda and self._ledger.sync_cuda:
-            torch.cuda.synchronize()
-        exposed = time.perf_counter() - t0
-        self._ledger.record(self._op, self._group_size, *self._bytes, exposed, tag=self._tag)
-        self._works = []
-        self._result, self._done = result, True
-        return result
-
-    def is_completed(self) -> bool:
-        """True once the transfer finished (wait() will not block on the network)."""
-        return self._done or all(w.is_completed() for w in self._works)
-
-
 # ----------------------------------------------------------------------------- comm
 
 
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
+_nbytes = tensor_bytes
 
 
 def _row_bytes(t: Tensor) -> int:
@@ -623,100 +565,17 @@ class Comm:
             dist.barrier(group=self.group)
 
 
-# ----------------------------------------------------------------------------- foreign collectives
+class TorchCollectives:
+    """torch.distributed's flat all-gather and reduce-scatter under the names `ledgered_backend` counts.
 
-
-def _foreign_bytes(name: str, a: dict[str, Any], w: int, me: int) -> tuple[str, int, int]:
-    """(ledger op, bytes sent, bytes received) of one call of a foreign backend, by the table above.
-
-    ``reduce`` is not in the table: the non-root ranks send their tensor, the
-    root receives W-1 of them (a flat reduce). Unequal splits of
-    ``all_to_all_single`` are counted as equal ones.
+    For a library that takes its collectives as an object (FSDP2's custom comms,
+    `distattn.train.fsdp`): wrapped with `ledgered_backend` for a step, every call
+    lands in the ledger; outside such a block the calls go through uncounted.
     """
-    if name in ("all_reduce", "all_reduce_coalesced"):
-        n = _nbytes(a["tensor"]) if name == "all_reduce" else sum(_nbytes(t) for t in a["tensors"])
-        b = 2 * (w - 1) * n // w
-        return "all_reduce", b, b
-    if name in ("reduce_scatter_tensor", "reduce_scatter"):
-        out = a["output_tensor"] if name == "reduce_scatter_tensor" else a["output"]
-        b = (w - 1) * _nbytes(out)
-        return "reduce_scatter", b, b
-    if name in ("all_gather_into_tensor", "all_gather_base", "all_gather", "all_gather_coalesced"):
-        src = a.get("input_tensor", a.get("tensor"))
-        n = _nbytes(src) if src is not None else sum(_nbytes(t) for t in a["input_tensors"])
-        return "all_gather", (w - 1) * n, (w - 1) * n
-    if name == "broadcast":
-        n = _nbytes(a["tensor"])
-        return ("broadcast", n, 0) if a["src"] == me else ("broadcast", 0, n)
-    if name == "reduce":
-        n = _nbytes(a["tensor"])
-        return ("reduce", 0, (w - 1) * n) if a["dst"] == me else ("reduce", n, 0)
-    if name == "all_to_all_single":
-        return "all_to_all", (w - 1) * _nbytes(a["input"]) // w, (w - 1) * _nbytes(a["output"]) // w
-    return name, 0, 0  # barrier
 
+    def all_gather_into_tensor(self, output_tensor, input_tensor, group=None, async_op=False):
+        return _all_gather_flat(output_tensor, input_tensor, group=group, async_op=async_op)
 
-# the collective methods of a torch.distributed-style backend, with their parameters in order
-# (wrappers such as DeepSpeed's CPU staging hide the signatures, so they are spelled out)
-FOREIGN_OPS: dict[str, tuple[str, ...]] = {
-    "all_reduce": ("tensor", "op", "group", "async_op"),
-    "all_reduce_coalesced": ("tensors", "op", "group", "async_op"),
-    "reduce_scatter_tensor": ("output_tensor", "input_tensor", "op", "group", "async_op"),
-    "reduce_scatter": ("output", "input_list", "op", "group", "async_op"),
-    "all_gather_into_tensor": ("output_tensor", "input_tensor", "group", "async_op"),
-    "all_gather_base": ("output_tensor", "input_tensor", "group", "async_op"),
-    "all_gather": ("tensor_list", "tensor", "group", "async_op"),
-    "all_gather_coalesced": ("output_tensors", "input_tensors", "group", "async_op"),
-    "broadcast": ("tensor", "src", "group", "async_op"),
-    "reduce": ("tensor", "dst", "op", "group", "async_op"),
-    "all_to_all_single": ("output", "input", "output_split_sizes", "input_split_sizes", "group",
-                          "async_op"),
-    "barrier": ("group", "async_op", "device_ids"),
-}
-
-
-@contextmanager
-def ledgered_backend(backend: Any, ledger: CommLedger, tag: str) -> Iterator[None]:
-    """Count the collectives of another library's communication backend in ``ledger``.
-
-    DeepSpeed's ZeRO moves gradients and parameters through its own backend
-    object (``deepspeed.comm.comm.cdb``), not through :class:`Comm`. Inside
-    this block each of its collective methods (:data:`FOREIGN_OPS`) is wrapped
-    so every call is recorded under ``tag`` with the bytes of the table above
-    (``src``/``dst`` are global ranks there) and the time the caller was
-    blocked; an async call is charged its bytes and issue time when issued.
-    """
-    me = dist.get_rank() if dist.is_initialized() else 0
-    saved: dict[str, Any] = {}
-
-    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        params = FOREIGN_OPS[name]
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            a = dict(zip(params, args))
-            a.update(kwargs)
-            group = a.get("group")
-            w = dist.get_world_size(group) if dist.is_initialized() else 1
-            op, sent, recv = _foreign_bytes(name, a, w, me)
-            blocking = not a.get("async_op", False)
-            start = time.perf_counter()
-            try:
-                with region(COMM + op), (region(COMM_WAIT + op) if blocking else nullcontext()):
-                    return fn(*args, **kwargs)
-            finally:
-                ledger.record(op, w, sent, recv, time.perf_counter() - start, tag=tag)
-        return call
-
-    for name in FOREIGN_OPS:
-        fn = getattr(backend, name, None)
-        if callable(fn):
-            saved[name] = backend.__dict__.get(name)
-            setattr(backend, name, wrap(name, fn))
-    try:
-        yield
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                delattr(backend, name)
-            else:
-                setattr(backend, name, old)
+    def reduce_scatter_tensor(self, output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=None,
+                              async_op=False):
+        return _reduce_scatter_flat(output_tensor, input_tensor, op=op, group=group, async_op=async_op)

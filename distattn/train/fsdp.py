@@ -10,7 +10,7 @@ of the global mean, so the reduce-scatter sums (divide factor 1) and one step
 equals a single rank's.
 
 FSDP's collectives go through `LedgeredAllGather` / `LedgeredReduceScatter`,
-which call torch.distributed through an object `comm.ledgered_backend` counts,
+which call `distattn.comm.TorchCollectives` wrapped by `comm.ledgered_backend`,
 so they appear in the step's ledger under tag "fsdp" with comm.py's byte table.
 """
 from __future__ import annotations
@@ -23,22 +23,11 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
-from distattn.comm import CommLedger, ledgered_backend
-
-
-class FsdpOps:
-    """The two collectives FSDP2 issues, as methods `ledgered_backend` can wrap while a step runs."""
-
-    def all_gather_into_tensor(self, output_tensor, input_tensor, group=None, async_op=False):
-        return dist.all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
-
-    def reduce_scatter_tensor(self, output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=None,
-                              async_op=False):
-        return dist.reduce_scatter_single(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+from distattn.comm import CommLedger, TorchCollectives, ledgered_backend
 
 
 class LedgeredAllGather(AllGather):
-    def __init__(self, ops: FsdpOps):
+    def __init__(self, ops: TorchCollectives):
         self.ops = ops
 
     def allocate(self, size, *, dtype, device):
@@ -49,7 +38,7 @@ class LedgeredAllGather(AllGather):
 
 
 class LedgeredReduceScatter(ReduceScatter):
-    def __init__(self, ops: FsdpOps):
+    def __init__(self, ops: TorchCollectives):
         self.ops = ops
 
     def allocate(self, size, *, dtype, device):
@@ -60,7 +49,7 @@ class LedgeredReduceScatter(ReduceScatter):
                                               async_op=async_op)
 
 
-def shard_model(model: torch.nn.Module, group, ops: FsdpOps) -> list[FSDPModule]:
+def shard_model(model: torch.nn.Module, group, ops: TorchCollectives) -> list[FSDPModule]:
     """fully_shard every decoder layer, then the root (embedding, final norm, output layer)."""
     from torch.distributed.device_mesh import DeviceMesh
     device = "cuda" if torch.cuda.is_available() and dist.get_backend(group) == "nccl" else "cpu"
@@ -80,7 +69,7 @@ def shard_model(model: torch.nn.Module, group, ops: FsdpOps) -> list[FSDPModule]
 
 
 @contextlib.contextmanager
-def counted(ops: FsdpOps, ledger: CommLedger) -> Iterator[None]:
+def counted(ops: TorchCollectives, ledger: CommLedger) -> Iterator[None]:
     """FSDP's all-gathers and reduce-scatters inside this block go to `ledger` under tag "fsdp"."""
     with ledgered_backend(ops, ledger, tag="fsdp"):
         yield
@@ -92,4 +81,4 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-__all__ = ["FsdpOps", "LedgeredAllGather", "LedgeredReduceScatter", "counted", "full_tensor", "shard_model"]
+__all__ = ["LedgeredAllGather", "LedgeredReduceScatter", "counted", "full_tensor", "shard_model"]

@@ -148,8 +148,9 @@ class Trainer:
         self.model = build_gpt(cfg.model, self.ctx, cfg.data.seq_len, seed=cfg.run.seed)
         self.fsdp_ops = None
         if cfg.train.shard == "fsdp":  # before the optimizer: it holds the sharded parameters
-            from distattn.train.fsdp import FsdpOps, shard_model
-            self.fsdp_ops = FsdpOps()
+            from distattn.comm import TorchCollectives
+            from distattn.train.fsdp import shard_model
+            self.fsdp_ops = TorchCollectives()
             shard_model(self.model, self.mesh.trainer_group, self.fsdp_ops)
         if cfg.model.init_from and not resume:  # a resumed run has its own weights
             from distattn.train.init_weights import load_initial_weights
