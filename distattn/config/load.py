@@ -194,16 +194,13 @@ def _init_from_section(where: str) -> dict[str, Any]:
                           f"runs/<name>/checkpoints/step_N, or runs/<name>)")
     if (path / "config.json").is_file():
         import importlib.util
-        import json
+
         from distattn.hf.config_map import model_section
+        from distattn.hf.convert import read_hf_config
         if importlib.util.find_spec("safetensors") is None:
             raise ConfigError(f"model.init_from={where} is a Hugging Face directory, which needs safetensors: "
                               f"pip install 'distattn[hf]'")
-        try:
-            hf = json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"model.init_from={where}: config.json is not valid JSON ({e})") from None
-        section, _ = model_section(hf)
+        section, _ = model_section(read_hf_config(path))
         return section
     from distattn.hf.convert import locate_distattn
     _, config_file, _ = locate_distattn(path)

@@ -27,12 +27,12 @@ def _target(args) -> str:
 
 
 def _step_of(target: str) -> int:
+    """The training step of a distattn checkpoint (TensorBoard's step); 0 for a Hugging Face model."""
     from distattn.hf.convert import locate_distattn
-    try:
-        dcp_dir, _, meta = locate_distattn(target)
-        return int(meta.get("step", 0))
-    except Exception:  # a Hugging Face directory: step 0
+    from distattn.train.init_weights import is_hf_directory
+    if is_hf_directory(target):
         return 0
+    return int(locate_distattn(target)[2].get("step", 0))
 
 
 def cmd_eval(args) -> int:

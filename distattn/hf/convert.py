@@ -132,9 +132,10 @@ def load_distattn(src: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
 def distattn_to_hf(src: str | Path, out: str | Path, fam: str | None = None,
                    overwrite: bool = False) -> str:
     """Convert a distattn checkpoint into a HF directory; returns the family written."""
-    model_cfg, weights, meta = load_distattn(src)
+    dcp_dir, config_file, meta = locate_distattn(src)
+    from distattn.config import load_config
+    model_cfg, weights = load_config(config_file).model, _read_dcp_model(dcp_dir)
     fam = fam or meta.get("family") or ("qwen2" if model_cfg.qkv_bias else "llama")
-    dcp_dir = locate_distattn(src)[0]
     original = dcp_dir.parent / "hf" / "config.json"
     base = json.loads(original.read_text()) if original.is_file() else {}
     config = {**base, **hf_config(model_cfg, fam)}
