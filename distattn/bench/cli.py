@@ -32,6 +32,14 @@ def token_cost(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}") from None
 
 
+def _run_and_report(args, spec, run, format_table, rows_as_dicts) -> int:
+    """The tail of a sweep-style benchmark: run it (progress on stderr), print its table, --json."""
+    rows = run(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_table(rows, spec))
+    write_json(args.json, {"spec": asdict(spec), "rows": rows_as_dicts(rows)})
+    return 0
+
+
 def cmd_bench_attention(args) -> int:
     from distattn.bench.attention import BenchSpec, format_table, run_attention_bench
 
@@ -61,10 +69,7 @@ def cmd_bench_linear(args) -> int:
                                softmax_max_len=args.softmax_max_len or None)
     except ValueError as e:
         raise UsageError(f"linear: {e}") from None
-    rows = run_linear_bench(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(format_table(rows, spec))
-    write_json(args.json, {"spec": asdict(spec), "rows": rows_as_dicts(rows)})
-    return 0
+    return _run_and_report(args, spec, run_linear_bench, format_table, rows_as_dicts)
 
 
 def cmd_bench_hetero(args) -> int:
@@ -82,10 +87,7 @@ def cmd_bench_hetero(args) -> int:
         spec.scheme("hetero").validate(heads=b.heads, kv_heads=b.kv_heads, world=b.world_size)
     except ValueError as e:
         raise UsageError(f"hetero: {e}") from None
-    rows = run_hetero_bench(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(format_table(rows, spec))
-    write_json(args.json, {"spec": asdict(spec), "rows": rows_as_dicts(rows)})
-    return 0
+    return _run_and_report(args, spec, run_hetero_bench, format_table, rows_as_dicts)
 
 
 def cmd_bench_cad(args) -> int:
