@@ -23,7 +23,7 @@ import torch
 
 from distattn.config import Config, ConfigError, ModelConfig
 from distattn.hf.config_map import family, hf_config, model_section
-from distattn.hf.weights import hf_to_megatron, megatron_to_hf, read_safetensors, write_safetensors
+from distattn.hf.weights import hf_to_megatron, megatron_to_hf, model_tensors, read_safetensors, write_safetensors
 
 FORMAT = "distattn-model"
 HF_EXTRA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -96,7 +96,7 @@ def _read_dcp_model(dcp_dir: Path) -> dict[str, torch.Tensor]:
     model = state.get("model")
     if not isinstance(model, dict):
         raise ConfigError(f"{dcp_dir}: this checkpoint holds no model weights")
-    return {k: v for k, v in model.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    return model_tensors(model)
 
 
 def locate_distattn(src: str | Path) -> tuple[Path, Path, dict[str, Any]]:

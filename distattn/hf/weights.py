@@ -18,6 +18,11 @@ import torch
 from distattn.config import ConfigError
 
 
+def model_tensors(state: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a GPTModel state dict, without megatron's `_extra_state` entries (not weights)."""
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+
+
 def _layer_names(i: int) -> dict[str, str]:
     hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
     return {hf + "input_layernorm.weight": mg + "input_layernorm.weight",
@@ -160,4 +165,4 @@ def write_safetensors(directory: Path, sd: dict[str, torch.Tensor], max_shard_by
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-__all__ = ["hf_to_megatron", "megatron_to_hf", "read_safetensors", "write_safetensors"]
+__all__ = ["hf_to_megatron", "megatron_to_hf", "model_tensors", "read_safetensors", "write_safetensors"]

@@ -18,8 +18,8 @@ def is_hf_directory(path: str | Path) -> bool:
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items()
-            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    from distattn.hf.weights import model_tensors
+    return model_tensors(model.state_dict())
 
 
 def _place(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
