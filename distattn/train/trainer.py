@@ -353,10 +353,15 @@ class Trainer:
             return float(norm) if norm is not None else float("nan")
         if self.fsdp_ops is not None:  # FSDP reduce-scattered the gradients already
             norm = self._clip_sharded()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            return norm
+        else:
+            norm = float(self._sum_and_clip())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm
+
+    def _sum_and_clip(self):
+        """Gradients summed over dp x cp in one flat all-reduce through the ledger, then clipped."""
         grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         self.grad_comm.all_reduce(flat, op="sum")  # gradients of the global mean loss
@@ -366,11 +371,7 @@ class Trainer:
             q.grad = flat[off:off + n].view_as(q).to(q.dtype)
             off += n
         clip = self.cfg.train.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return float(norm)
+        return torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
 
     def _clip_sharded(self) -> float:
         """The global gradient norm of sharded gradients (one scalar all-reduce through the ledger) and
