@@ -103,8 +103,7 @@ def rope_frequencies(head_dim: int, base: float = 10000.0, scaling: RopeScaling 
         high += 0.001  # no zero-width ramp
     ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low),
                        0, 1)
-    pos_freqs = base ** (torch.arange(0, head_dim, 2, device=device).to(torch.float32) / head_dim)
-    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (f * pos_freqs)
+    extrapolation, interpolation = inv, 1.0 / (f * (base ** exps))
     keep = 1 - ramp  # 1: keep the original (high) frequency, 0: interpolate
     return interpolation * (1 - keep) + extrapolation * keep, float(attn)
 
