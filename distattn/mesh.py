@@ -1,12 +1,16 @@
-"""Rank arithmetic and process groups: dp x cp, cp = ulysses x ring, plus attention servers.
+"""Rank arithmetic and process groups: dp x cp x tp, cp = ulysses x ring, plus attention servers.
 
 This is the one place that knows which global rank plays which role.
 
-Layout of the world (W = dp*cp + attention_servers):
-- the first dp*cp ranks train; the last `attention_servers` ranks serve attention (CAD);
-- trainer rank = dp_idx*cp + cp_idx, so a cp group is a contiguous block of ranks;
-- cp_idx = ring_idx*ulysses + ulysses_idx, so ulysses groups are contiguous (on one
-  node, where the all-to-all is cheap) and ring groups are strided by `ulysses`.
+Layout of the world (W = dp*cp*tp + attention_servers):
+- the first dp*cp*tp ranks train; the last `attention_servers` ranks serve attention (CAD);
+- trainer rank = (dp_idx*cp + cp_idx)*tp + tp_idx: tensor parallelism is innermost, so a
+  tp group is a contiguous block (one node: it communicates every layer); with tp=1 a
+  cp group is a contiguous block of ranks;
+- cp_idx = ring_idx*ulysses + ulysses_idx, so ulysses groups are contiguous within a tp
+  slice (on one node, where the all-to-all is cheap) and ring groups are strided further;
+- "dp_cp" groups the trainers of one tp index: the ranks that hold the same parameter
+  shards, over which gradients are summed and FSDP shards.
 
 `MeshShape` does the arithmetic without torch.distributed so it can be tested and
 used by planners; `ParallelMesh` turns it into process groups. Group handles live
@@ -24,9 +28,10 @@ if TYPE_CHECKING:
 
     from distattn.config import ParallelConfig
 
-GroupKind = Literal["dp", "cp", "ulysses", "ring", "servers", "trainers", "attention"]
+GroupKind = Literal["dp", "cp", "ulysses", "ring", "servers", "trainers", "attention", "tp", "dp_cp"]
 # Creation order; every rank must create every group in this same order.
-GROUP_KINDS: tuple[GroupKind, ...] = ("dp", "cp", "ulysses", "ring", "trainers", "servers", "attention")
+GROUP_KINDS: tuple[GroupKind, ...] = ("dp", "cp", "ulysses", "ring", "trainers", "servers", "attention",
+                                      "tp", "dp_cp")
 
 
 class MeshError(ValueError):
@@ -42,6 +47,7 @@ class MeshCoords:
     ulysses: int | None
     ring: int | None
     is_server: bool
+    tp: int | None = 0
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -57,20 +63,22 @@ class MeshShape:
     ulysses: int
     ring: int
     attention_servers: int = 0
+    tp: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("dp", "ulysses", "ring"):
+        for name in ("dp", "ulysses", "ring", "tp"):
             _check_int(name, getattr(self, name), 1)
         _check_int("attention_servers", self.attention_servers, 0)
 
     @classmethod
-    def from_cp(cls, dp: int = 1, cp: int = 1, ulysses: int = 1, attention_servers: int = 0) -> "MeshShape":
+    def from_cp(cls, dp: int = 1, cp: int = 1, ulysses: int = 1, attention_servers: int = 0,
+                tp: int = 1) -> "MeshShape":
         """Shape from a cp size and its ulysses factor (ring = cp / ulysses)."""
         _check_int("cp", cp, 1)
         _check_int("ulysses", ulysses, 1)
         if cp % ulysses:
             raise MeshError(f"mesh: cp={cp} is not a multiple of ulysses={ulysses}")
-        return cls(dp=dp, ulysses=ulysses, ring=cp // ulysses, attention_servers=attention_servers)
+        return cls(dp=dp, ulysses=ulysses, ring=cp // ulysses, attention_servers=attention_servers, tp=tp)
 
     @property
     def cp(self) -> int:
@@ -78,13 +86,16 @@ class MeshShape:
 
     @property
     def trainers(self) -> int:
-        return self.dp * self.cp
+        return self.dp * self.cp * self.tp
 
     @property
     def world_size(self) -> int:
         return self.trainers + self.attention_servers
 
     def describe(self) -> str:
+        if self.tp > 1:
+            return (f"dp*ulysses*ring*tp + attention_servers = {self.dp}*{self.ulysses}*{self.ring}*"
+                    f"{self.tp} + {self.attention_servers} = {self.world_size}")
         return (f"dp*ulysses*ring + attention_servers = {self.dp}*{self.ulysses}*{self.ring} + "
                 f"{self.attention_servers} = {self.world_size}")
 
@@ -100,14 +111,15 @@ class MeshShape:
     def coords(self, rank: int) -> MeshCoords:
         self._check_rank(rank)
         if rank >= self.trainers:
-            return MeshCoords(dp=None, cp=None, ulysses=None, ring=None, is_server=True)
-        dp_idx, cp_idx = divmod(rank, self.cp)
+            return MeshCoords(dp=None, cp=None, ulysses=None, ring=None, is_server=True, tp=None)
+        slot, tp_idx = divmod(rank, self.tp)
+        dp_idx, cp_idx = divmod(slot, self.cp)
         ring_idx, ulysses_idx = divmod(cp_idx, self.ulysses)
-        return MeshCoords(dp=dp_idx, cp=cp_idx, ulysses=ulysses_idx, ring=ring_idx, is_server=False)
+        return MeshCoords(dp=dp_idx, cp=cp_idx, ulysses=ulysses_idx, ring=ring_idx, is_server=False, tp=tp_idx)
 
-    def rank_of(self, dp: int, ring: int, ulysses: int) -> int:
+    def rank_of(self, dp: int, ring: int, ulysses: int, tp: int = 0) -> int:
         """Inverse of `coords` for trainer ranks."""
-        return dp * self.cp + ring * self.ulysses + ulysses
+        return (dp * self.cp + ring * self.ulysses + ulysses) * self.tp + tp
 
     def group_ranks(self, kind: GroupKind, rank: int) -> list[int]:
         """Global ranks of the `kind` group that `rank` belongs to, in group-rank order.
@@ -124,14 +136,20 @@ class MeshShape:
         if c.is_server:
             raise MeshError(f"mesh: rank {rank} is an attention server; it has no {kind} group")
         assert c.dp is not None and c.ring is not None and c.ulysses is not None and c.cp is not None
+        t = c.tp or 0
         if kind == "dp":
-            return [d * self.cp + c.cp for d in range(self.dp)]
+            return [(d * self.cp + c.cp) * self.tp + t for d in range(self.dp)]
         if kind == "cp":
-            return [c.dp * self.cp + i for i in range(self.cp)]
+            return [(c.dp * self.cp + i) * self.tp + t for i in range(self.cp)]
         if kind == "ulysses":
-            return [self.rank_of(c.dp, c.ring, u) for u in range(self.ulysses)]
+            return [self.rank_of(c.dp, c.ring, u, t) for u in range(self.ulysses)]
         if kind == "ring":
-            return [self.rank_of(c.dp, r, c.ulysses) for r in range(self.ring)]
+            return [self.rank_of(c.dp, r, c.ulysses, t) for r in range(self.ring)]
+        if kind == "tp":
+            first = rank - t
+            return list(range(first, first + self.tp))
+        if kind == "dp_cp":
+            return [s * self.tp + t for s in range(self.dp * self.cp)]
         raise MeshError(f"mesh: unknown group kind {kind!r}; choose one of {', '.join(GROUP_KINDS)}")
 
     def _attention_ranks(self, rank: int) -> list[int]:
@@ -140,6 +158,9 @@ class MeshShape:
         if not self.attention_servers or self.attention_servers % self.dp:
             raise MeshError(f"mesh: attention groups need attention_servers divisible by dp, got "
                             f"{self.attention_servers} servers for dp={self.dp}")
+        if self.tp > 1:
+            raise MeshError(f"mesh: attention servers with tp={self.tp} are not supported; set "
+                            f"parallel.tp=1 or parallel.attention_servers=0")
         per = self.attention_servers // self.dp
         d = (rank - self.trainers) // per if rank >= self.trainers else rank // self.cp
         return list(range(d * self.cp, (d + 1) * self.cp)) + \
@@ -147,16 +168,23 @@ class MeshShape:
 
     def all_groups(self, kind: GroupKind) -> list[list[int]]:
         """Every group of `kind`, in the fixed order all ranks use to create them."""
+        tps = range(self.tp)
         if kind == "dp":
-            return [self.group_ranks("dp", c) for c in range(self.cp)]
+            return [self.group_ranks("dp", c * self.tp + t) for c in range(self.cp) for t in tps]
         if kind == "cp":
-            return [self.group_ranks("cp", d * self.cp) for d in range(self.dp)]
+            return [self.group_ranks("cp", d * self.cp * self.tp + t) for d in range(self.dp) for t in tps]
         if kind == "ulysses":
-            return [self.group_ranks("ulysses", self.rank_of(d, r, 0))
-                    for d in range(self.dp) for r in range(self.ring)]
+            return [self.group_ranks("ulysses", self.rank_of(d, r, 0, t))
+                    for d in range(self.dp) for r in range(self.ring) for t in tps]
         if kind == "ring":
-            return [self.group_ranks("ring", self.rank_of(d, 0, u))
-                    for d in range(self.dp) for u in range(self.ulysses)]
+            return [self.group_ranks("ring", self.rank_of(d, 0, u, t))
+                    for d in range(self.dp) for u in range(self.ulysses) for t in tps]
+        if kind == "tp":  # none at tp=1: a group of one rank is never used (tp_group stays None)
+            if self.tp == 1:
+                return []
+            return [self.group_ranks("tp", s * self.tp) for s in range(self.dp * self.cp)]
+        if kind == "dp_cp":
+            return [self.group_ranks("dp_cp", t) for t in tps]
         if kind == "servers":
             return [self.group_ranks("servers", 0)] if self.attention_servers else []
         if kind == "trainers":
@@ -221,6 +249,8 @@ class ParallelMesh:
     trainer_group: "ProcessGroup | None" = None
     server_group: "ProcessGroup | None" = None
     attention_group: "ProcessGroup | None" = None  # dedicated CAD: cp trainers + their servers
+    tp_group: "ProcessGroup | None" = None  # tensor parallelism: the ranks splitting every layer (tp > 1)
+    dp_cp_group: "ProcessGroup | None" = None  # trainers holding the same shards (one tp index)
     _owned: list = field(default_factory=list, repr=False)
 
     @classmethod
@@ -252,7 +282,8 @@ class ParallelMesh:
                    dp_group=mine.get("dp"), cp_group=mine.get("cp"),
                    ulysses_group=mine.get("ulysses"), ring_group=mine.get("ring"),
                    trainer_group=mine.get("trainers"), server_group=mine.get("servers"),
-                   attention_group=mine.get("attention"), _owned=maker.owned)
+                   attention_group=mine.get("attention"), tp_group=mine.get("tp"),
+                   dp_cp_group=mine.get("dp_cp"), _owned=maker.owned)
 
     @classmethod
     def from_config(cls, parallel_cfg: "ParallelConfig", rank: int | None = None) -> "ParallelMesh":
@@ -260,7 +291,7 @@ class ParallelMesh:
         cfg = parallel_cfg
         ring = cfg.ring if cfg.ring is not None else cfg.cp // cfg.ulysses
         shape = MeshShape(dp=cfg.dp, ulysses=cfg.ulysses, ring=ring,
-                          attention_servers=cfg.attention_servers)
+                          attention_servers=cfg.attention_servers, tp=getattr(cfg, "tp", 1))
         if shape.world_size != cfg.world_size:
             raise MeshError(f"mesh: {shape.describe()} but parallel.world_size={cfg.world_size}")
         backend = None if cfg.backend == "auto" else cfg.backend
@@ -277,7 +308,7 @@ class ParallelMesh:
     def group(self, kind: GroupKind) -> "ProcessGroup | None":
         attr = {"dp": "dp_group", "cp": "cp_group", "ulysses": "ulysses_group", "ring": "ring_group",
                 "trainers": "trainer_group", "servers": "server_group",
-                "attention": "attention_group"}.get(kind)
+                "attention": "attention_group", "tp": "tp_group", "dp_cp": "dp_cp_group"}.get(kind)
         if attr is None:
             raise MeshError(f"mesh: unknown group kind {kind!r}; choose one of {', '.join(GROUP_KINDS)}")
         return getattr(self, attr)

@@ -17,11 +17,18 @@ def one_step(cfg_dict: dict, steps: int = 1):
         return None
     tr = Trainer(cfg, quiet=True)
     losses = [tr.train_step().loss for _ in range(steps)]
-    from distattn.train.fsdp import full_tensor  # sharded (train.shard=fsdp) parameters whole
-    flat = torch.cat([full_tensor(p.detach()).reshape(-1).float() for p in tr.model.parameters()])
+    flat = whole_parameters(tr)
     tr.release_servers()
     tr.mesh.destroy()
     return (losses, flat) if dist.get_rank() == 0 else None
+
+
+def whole_parameters(tr) -> torch.Tensor:
+    """Every parameter whole (FSDP shards gathered, tp parts joined), flattened in model order."""
+    from distattn.model.tp_weights import gather_full
+    from distattn.train.fsdp import full_tensor
+    return torch.cat([gather_full(n, full_tensor(p.detach()), tr.tp_comm).reshape(-1).float()
+                      for n, p in tr.model.named_parameters()])
 
 
 def fit(cfg_dict: dict, resume: bool = False, stop_at: int | None = None):

@@ -12,6 +12,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
+from distattn.config.checks import WEIGHTED_SCHEMES, attention_problems, tp_problems
+from distattn.config.checks import divisors as _divisors
 from distattn.config.errors import ConfigError, _describe, _did_you_mean
 
 SCHEMES = ("ring", "allgather", "ulysses", "usp", "lasp2", "lasp1", "local", "cad", "hetero")
@@ -77,10 +79,6 @@ class _Section(BaseModel):
 def _fail(problems: list[str]) -> None:
     if problems:
         raise ValueError("\n".join(problems))
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _nearest_multiples(n: int, m: int) -> list[int]:
@@ -208,12 +206,14 @@ class ModelConfig(_Section):
 
 class ParallelConfig(_Section):
     section_key: ClassVar[str] = "parallel"
-    world_size: PosInt | None = None  # None: dp * cp + attention_servers
+    world_size: PosInt | None = None  # None: dp * cp * tp + attention_servers
     dp: PosInt = 1
     cp: PosInt = 2
     ulysses: PosInt = 1
     ring: PosInt | None = None
     attention_servers: NonNegInt = 0
+    tp: PosInt = 1  # megatron tensor parallelism inside each cp rank (innermost: one node)
+    sequence_parallel: bool = True  # with tp > 1: norms and residuals on 1/tp of the tokens
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
     @model_validator(mode="after")
@@ -231,18 +231,19 @@ class ParallelConfig(_Section):
         elif u * self.ring != cp:
             problems.append(f"cp={cp} but ulysses*ring = {u}*{self.ring} = {u * self.ring}; "
                             f"set parallel.ring={cp // u} (or leave parallel.ring unset to derive it)")
-        used = self.dp * cp + self.attention_servers
+        used = self.dp * cp * self.tp + self.attention_servers
         if self.world_size is None:
             self.world_size = used
             self.model_fields_set.discard("world_size")  # derived, not chosen
         elif used != self.world_size:
             fixes = []
             trainers = self.world_size - self.attention_servers
-            if trainers > 0 and trainers % cp == 0:
-                fixes.append(f"parallel.dp={trainers // cp}")
+            if trainers > 0 and trainers % (cp * self.tp) == 0:
+                fixes.append(f"parallel.dp={trainers // (cp * self.tp)}")
             fixes.append(f"parallel.world_size={used}")
-            problems.append(f"world_size={self.world_size} but dp*cp + attention_servers = "
-                            f"{self.dp}*{cp} + {self.attention_servers} = {used}; set {' or '.join(fixes)}")
+            tp = f"*{self.tp}" if self.tp > 1 else ""
+            problems.append(f"world_size={self.world_size} but dp*cp{'*tp' if tp else ''} + attention_servers = "
+                            f"{self.dp}*{cp}{tp} + {self.attention_servers} = {used}; set {' or '.join(fixes)}")
         _fail(problems)
         return self
 
@@ -466,49 +467,6 @@ def config_notes(cfg: "Config") -> list[str]:
     return notes
 
 
-WEIGHTED_SCHEMES = ("ring", "allgather", "hetero", "lasp2", "lasp1")  # lasp*: layout via allgather
-
-
-def _attention_problems(a: AttentionConfig, model: ModelConfig, par: ParallelConfig) -> list[str]:
-    """Layout weights and the hetero pattern: checks that need the model and parallel sections."""
-    problems: list[str] = []
-    w = a.layout_weights
-    if w is None and a.layout == "weighted" and a.scheme in WEIGHTED_SCHEMES:
-        problems.append(f"attention.layout=weighted shares tokens by per-rank speed, but "
-                        f"attention.layout_weights is not set; give one weight per cp rank, e.g. "
-                        f"attention.layout_weights=[{', '.join(['1.0'] * par.cp)}], or use attention.layout=zigzag")
-    if a.scheme == "cad" and a.layout in ("zigzag", "weighted"):
-        problems.append(f"attention.layout={a.layout} with scheme cad: cad balances attention itself and "
-                        f"keeps documents whole on their owners; {a.layout} would only cut documents into "
-                        f"more pieces (more KV to send); use attention.layout=contiguous (cad's default when "
-                        f"attention.layout is unset) or doc_zigzag")
-    if w is not None:
-        if a.layout != "weighted":
-            problems.append(f"attention.layout_weights={w} needs attention.layout=weighted, got "
-                            f"{a.layout!r}; set attention.layout=weighted or attention.layout_weights=null")
-        if len(w) != par.cp:
-            problems.append(f"attention.layout_weights has {len(w)} entries but parallel.cp={par.cp}; "
-                            f"give one speed weight per context-parallel rank")
-        if a.scheme not in WEIGHTED_SCHEMES:
-            problems.append(f"attention.layout_weights applies to schemes {', '.join(WEIGHTED_SCHEMES)}; "
-                            f"scheme {a.scheme!r} would ignore it; set attention.layout_weights=null")
-    if a.scheme == "hetero":
-        from distattn.kernels.sparse import HeteroPattern
-        try:
-            pat = HeteroPattern(block=a.hetero_block, local_blocks=a.hetero_local_blocks,
-                                stride=a.hetero_stride, head_step=a.hetero_head_step,
-                                offset=a.hetero_offset, dense_heads=a.hetero_dense_heads,
-                                gqa_pattern=a.hetero_gqa)
-            pat.check_coverage(model.num_attention_heads, model.num_query_groups,
-                               a.hetero_allow_partial_coverage)
-        except ValueError as e:
-            problems.append(f"attention.scheme: {e} (keys: attention.hetero_stride, hetero_head_step, "
-                            f"hetero_dense_heads, hetero_gqa, hetero_allow_partial_coverage; "
-                            f"model.num_attention_heads={model.num_attention_heads}, "
-                            f"model.num_query_groups={model.num_query_groups})")
-    return problems
-
-
 def _largest_divisor_dividing(cp: int, heads: int) -> int:
     return max(d for d in _divisors(cp) if heads % d == 0)
 
@@ -550,7 +508,8 @@ class Config(_Section):
         if scheme == "cad" and "layout" not in self.attention.model_fields_set:
             # cad's token owners keep documents whole: its own default, not the ring's zigzag
             self.attention = self.attention.model_copy(update={"layout": "contiguous"})
-        problems.extend(_attention_problems(self.attention, self.model, par))
+        problems.extend(attention_problems(self.attention, self.model, par))
+        problems.extend(tp_problems(self))
         if par.attention_servers > 0 and scheme != "cad":
             problems.append(f"parallel.attention_servers={par.attention_servers} needs attention.scheme "
                             f"cad, got {scheme!r}; set attention.scheme=cad or parallel.attention_servers=0")

@@ -101,7 +101,13 @@ class DistAttnLinearCore(DistAttnCore):
     def __init__(self, *args, context: AttentionContext, **kwargs):
         super().__init__(*args, context=context, **kwargs)
         heads = self.config.num_attention_heads
-        self.register_buffer("decay", linear_decay(heads), persistent=False)
+        decay = linear_decay(heads)
+        pgs = kwargs.get("pg_collection")
+        tp_group = getattr(pgs, "tp", None) if pgs is not None else None
+        if tp_group is not None and tp_group.size() > 1:  # this tp rank's heads keep their decays
+            per = heads // tp_group.size()
+            decay = decay[tp_group.rank() * per:(tp_group.rank() + 1) * per]
+        self.register_buffer("decay", decay, persistent=False)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):

@@ -27,9 +27,11 @@ from distattn.model.attention import AttentionContext, DistAttnCore, DistAttnLin
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def transformer_config(model_cfg) -> TransformerConfig:
+def transformer_config(model_cfg, tp: int = 1, sequence_parallel: bool = False) -> TransformerConfig:
     """Megatron's config for our model section: RMSNorm, SwiGLU, no biases, no dropout."""
     return TransformerConfig(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel and tp > 1,
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
         num_attention_heads=model_cfg.num_attention_heads,
@@ -55,10 +57,14 @@ def transformer_config(model_cfg) -> TransformerConfig:
     )
 
 
-def _layer_spec(core_cls, context: AttentionContext) -> ModuleSpec:
+def _layer_spec(core_cls, context: AttentionContext, sequence_parallel: bool = False) -> ModuleSpec:
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=core_cls, params={"context": context})
+    if sequence_parallel:  # megatron's torch norm refuses sequence parallelism: ours, the same RMSNorm
+        from distattn.model.tensor_parallel import SequenceParallelRMSNorm
+        spec.submodules.input_layernorm = SequenceParallelRMSNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
     return spec
 
 
@@ -85,11 +91,25 @@ def single_rank_groups() -> ProcessGroupCollection:
 
 
 def build_gpt(model_cfg, context: AttentionContext, max_sequence_length: int,
-              pg_collection: ProcessGroupCollection | None = None, seed: int = 1234) -> GPTModel:
-    """The GPT model for `model_cfg` with distattn attention in every layer."""
-    cfg = transformer_config(model_cfg)
+              pg_collection: ProcessGroupCollection | None = None, seed: int = 1234,
+              tp_group=None, sequence_parallel: bool = False) -> GPTModel:
+    """The GPT model for `model_cfg` with distattn attention in every layer.
+
+    `tp_group` (with more than one rank): megatron's tensor parallelism over it,
+    with sequence parallelism if asked (`distattn.model.tensor_parallel`). The
+    same seed gives every tp size the same weights: megatron initialises each
+    whole weight on the CPU and keeps this rank's part.
+    """
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    sp = sequence_parallel and tp > 1
+    cfg = transformer_config(model_cfg, tp=tp, sequence_parallel=sp)
+    if tp > 1:
+        from distattn.model.tensor_parallel import install_megatron_tp, megatron_groups
+        install_megatron_tp(seed, dist.get_rank(tp_group))
+        if pg_collection is None:
+            pg_collection = megatron_groups(tp_group)
     kinds = model_cfg.layer_kinds()
-    specs = [_layer_spec(DistAttnLinearCore if kind == "L" else DistAttnCore, context)
+    specs = [_layer_spec(DistAttnLinearCore if kind == "L" else DistAttnCore, context, sp)
              for kind in kinds]
     # the final RMSNorm before the output layer (Llama, Qwen2, Mistral), built like the layers' norms
     block = TransformerBlockSubmodules(layer_specs=specs,
@@ -99,6 +119,9 @@ def build_gpt(model_cfg, context: AttentionContext, max_sequence_length: int,
                      max_sequence_length=max_sequence_length, position_embedding_type="none",
                      share_embeddings_and_output_weights=getattr(model_cfg, "tie_embeddings", False),
                      pg_collection=pg_collection or single_rank_groups())
+    if sp:
+        from distattn.model.tensor_parallel import sequence_parallel_embedding
+        sequence_parallel_embedding(model.embedding)
     from distattn.model.recompute import apply_recompute
     from distattn.model.tiled_mlp import apply_tiled_mlp
     apply_tiled_mlp(model, getattr(model_cfg, "mlp_tile", 0))

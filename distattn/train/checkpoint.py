@@ -5,7 +5,9 @@ once, and a checkpoint loads under any dp/cp split). What differs per dp rank,
 the data position, and each rank's RNG state go to small per-rank files beside
 it, so a resumed run sees exactly the samples an uninterrupted run would.
 Under DeepSpeed ZeRO the optimizer state is partitioned by DeepSpeed, so its own
-checkpoint format is used for model and optimizer.
+checkpoint format is used for model and optimizer. Under tensor parallelism
+(parallel.tp > 1) each tp rank's parts go under keys of their own
+(`tp<R>.<name>`, `tp_keys`), so a checkpoint resumes on the same tp and any cp.
 
 A checkpoint is complete once rank 0 has written meta.json (with the size of
 every per-rank file) and its config.yaml; only then does the `latest` marker
@@ -42,7 +44,7 @@ def save(tr) -> Path:
         tr.engine.save_checkpoint(str(path), tag="deepspeed")
     else:
         msd, osd = get_state_dict(tr.model, tr.optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"),
+        dcp.save(tp_keys({"model": msd, "optim": osd}, tr), checkpoint_id=str(path / "dcp"),
                  process_group=tr.mesh.trainer_group)
     torch.save({"step": tr.step, "scheduler": tr.scheduler.state_dict(),
                 "data": tr.stream.state_dict(), "rng": torch.get_rng_state()},
@@ -52,7 +54,7 @@ def save(tr) -> Path:
         from distattn.config import save_config
         save_config(tr.cfg, path / "config.yaml")  # what the tensors' shapes come from
         files = {f.name: f.stat().st_size for f in sorted(path.glob("rank*.pt"))}
-        meta = {"step": tr.step, "dp": tr.cfg.parallel.dp, "cp": tr.cfg.parallel.cp,
+        meta = {"step": tr.step, "dp": tr.cfg.parallel.dp, "cp": tr.cfg.parallel.cp, "tp": tr.cfg.parallel.tp,
                 "world": tr.world, "zero_stage": tr.cfg.train.zero_stage, "rank_files": files}
         (path / "meta.json").write_text(json.dumps(meta))
         (root / "latest").write_text(path.name)
@@ -78,20 +80,39 @@ def load(tr, target: bool | str | Path = True) -> Path:
         tr.engine.load_checkpoint(str(path), tag="deepspeed")
     else:
         msd, osd = get_state_dict(tr.model, tr.optimizer)
-        state = {"model": msd, "optim": osd}
+        state = tp_keys({"model": msd, "optim": osd}, tr)
         dcp.load(state, checkpoint_id=str(path / "dcp"), process_group=tr.mesh.trainer_group)
+        state = tp_keys(state, tr, undo=True)
         set_state_dict(tr.model, tr.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
     # per-rank extras: this rank's own file when the world matches, else its dp group leader's
     own = path / f"rank{tr.rank:05d}.pt"
     src = own if own.exists() and meta["world"] == tr.world else \
-        path / f"rank{tr.dp_rank * meta['cp']:05d}.pt"
+        path / f"rank{tr.dp_rank * meta['cp'] * meta.get('tp', 1):05d}.pt"
     extra = torch.load(src, weights_only=False)
     tr.step = extra["step"]
     tr.scheduler.load_state_dict(extra["scheduler"])
     tr.stream.load_state_dict(extra["data"])
     torch.set_rng_state(extra["rng"])
     return path
+
+
+def tp_keys(state: dict, tr, undo: bool = False) -> dict:
+    """{"model", "optim"} state dicts with each name under this tp rank's prefix (or back, `undo`).
+
+    DCP writes a name once, taking ranks that share it for replicas; tp ranks hold
+    different parts under the same names, so each tp rank's names get their own prefix.
+    """
+    if tr.cfg.parallel.tp == 1:
+        return state
+    prefix = f"tp{tr.mesh.coords.tp}."
+
+    def key(k: str) -> str:
+        return k[len(prefix):] if undo else prefix + k
+    osd = dict(state["optim"])
+    osd["state"] = {key(k): v for k, v in osd.get("state", {}).items()}
+    osd["param_groups"] = [{**g, "params": [key(k) for k in g["params"]]} for g in osd.get("param_groups", [])]
+    return {"model": {key(k): v for k, v in state["model"].items()}, "optim": osd}
 
 
 def prune(root: Path, keep: int) -> None:

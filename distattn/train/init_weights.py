@@ -31,14 +31,18 @@ def _place(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def load_initial_weights(model: torch.nn.Module, path: str | Path, process_group=None) -> int:
+def load_initial_weights(model: torch.nn.Module, path: str | Path, process_group=None,
+                         tp: tuple[int, int] = (0, 1)) -> int:
     """Copy the checkpoint's weights into `model` (every tensor must be there); returns how many.
 
     With sharded parameters (train.shard=fsdp) a distattn checkpoint is read shard by shard, each
     rank reading only its part; a Hugging Face checkpoint's files are memory-mapped and each rank
-    keeps its slice.
+    keeps its slice. `tp` = (this rank's tp index, tp size): under tensor parallelism each rank
+    keeps its tp part of every whole weight (`distattn.model.tp_weights`).
     """
+    from distattn.model.tp_weights import shard, split_of
     own = _tensors(model)
+    tp_rank, tp_size = tp
     if is_hf_directory(path):
         from distattn.hf.convert import load_hf
         _, weights = load_hf(path)
@@ -47,12 +51,25 @@ def load_initial_weights(model: torch.nn.Module, path: str | Path, process_group
             raise ValueError(f"model.init_from={path}: the checkpoint lacks {missing[:4]}")
         with torch.no_grad():
             for name, t in own.items():
-                t.copy_(_place(weights[name], t))
+                t.copy_(_place(shard(name, weights[name], tp_rank, tp_size), t))
         return len(own)
     import torch.distributed.checkpoint as dcp
 
     from distattn.hf.convert import locate_distattn
     dcp_dir, _, _ = locate_distattn(path)
+    if tp_size > 1:  # checkpoints hold whole weights: read them whole, keep this rank's part
+        whole = {}
+        for name, t in own.items():
+            how = split_of(name)
+            shape = list(t.shape)
+            if how is not None:
+                shape[how[0]] *= tp_size
+            whole[name] = torch.empty(shape, dtype=t.dtype)
+        dcp.load({"model": whole}, checkpoint_id=str(dcp_dir), process_group=process_group)
+        with torch.no_grad():
+            for name, t in own.items():
+                t.copy_(_place(shard(name, whole[name], tp_rank, tp_size), t))
+        return len(own)
     state = {"model": own}
     dcp.load(state, checkpoint_id=str(dcp_dir), process_group=process_group)
     with torch.no_grad():  # dcp loads in place where it can; copy in case a tensor was replaced

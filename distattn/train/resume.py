@@ -218,6 +218,9 @@ def incompatibilities(cfg, meta: dict[str, Any], saved: dict[str, Any] | None) -
     p = cfg.parallel
     if meta["dp"] != p.dp:
         out.append(("parallel.dp", meta["dp"], p.dp, "the data order per dp rank would change (cp may differ)"))
+    if meta.get("tp", 1) != p.tp:
+        out.append(("parallel.tp", meta.get("tp", 1), p.tp,
+                    "each tp rank's parts of the weights are saved under its own keys"))
     if meta["zero_stage"] != cfg.train.zero_stage:
         out.append(("train.zero_stage", meta["zero_stage"], cfg.train.zero_stage,
                     "ZeRO and plain checkpoints have different formats"))

@@ -123,11 +123,14 @@ class Trainer:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         p = cfg.parallel
-        shape = MeshShape.from_cp(dp=p.dp, cp=p.cp, ulysses=p.ulysses, attention_servers=p.attention_servers)
+        shape = MeshShape.from_cp(dp=p.dp, cp=p.cp, ulysses=p.ulysses, attention_servers=p.attention_servers,
+                                  tp=p.tp)
         self.mesh = ParallelMesh.build(shape)
         self.dp_rank, self.cp_rank = self.mesh.coords.dp, self.mesh.coords.cp
         self.ledger = CommLedger()
-        self.grad_comm = Comm(self.mesh.trainer_group, self.ledger)
+        # gradients are summed over the ranks holding the same parameter shards (all trainers at tp=1)
+        self.grad_comm = Comm(self.mesh.dp_cp_group, self.ledger)
+        self.tp_comm = Comm(self.mesh.tp_group, self.ledger) if p.tp > 1 else None
         self.dp_comm = Comm(self.mesh.dp_group, self.ledger)
         self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -137,25 +140,29 @@ class Trainer:
         from distattn.train.data import build_stream
 
         self.softmax_scheme, self.linear_scheme = build_schemes(cfg, self.mesh)
-        self.softmax_scheme.validate(heads=cfg.model.num_attention_heads,
-                                     kv_heads=cfg.model.num_query_groups,
+        self.softmax_scheme.validate(heads=cfg.model.num_attention_heads // p.tp,  # this tp rank's heads
+                                     kv_heads=cfg.model.num_query_groups // p.tp,
                                      world=p.cp + p.attention_servers // p.dp)  # its group's size
         self.ctx = AttentionContext(group=self.mesh.cp_group, softmax_scheme=self.softmax_scheme,
                                     linear_scheme=self.linear_scheme, ledger=self.ledger,
                                     rope_base=cfg.model.rope_base,
                                     rope_scaling=cfg.model.rope_scaling.to_rope(),
                                     softmax_group=attention_group(self.mesh))
-        self.model = build_gpt(cfg.model, self.ctx, cfg.data.seq_len, seed=cfg.run.seed)
+        self.model = build_gpt(cfg.model, self.ctx, cfg.data.seq_len, seed=cfg.run.seed,
+                               tp_group=self.mesh.tp_group, sequence_parallel=p.sequence_parallel)
         self.fsdp_ops = None
         if cfg.train.shard == "fsdp":  # before the optimizer: it holds the sharded parameters
             from distattn.comm import TorchCollectives
             from distattn.train.fsdp import shard_model
             self.fsdp_ops = TorchCollectives()
-            shard_model(self.model, self.mesh.trainer_group, self.fsdp_ops)
+            shard_model(self.model, self.mesh.dp_cp_group, self.fsdp_ops)
         if cfg.model.init_from and not resume:  # a resumed run has its own weights
             from distattn.train.init_weights import load_initial_weights
-            load_initial_weights(self.model, cfg.model.init_from, self.mesh.trainer_group)
-        self.params = [q for q in self.model.parameters() if q.requires_grad]
+            load_initial_weights(self.model, cfg.model.init_from, self.mesh.trainer_group,
+                                 tp=(self.mesh.coords.tp, p.tp))
+        named = [(n, q) for n, q in self.model.named_parameters() if q.requires_grad]
+        self.params = [q for _, q in named]
+        self.param_names = [n for n, _ in named]
         decay = [q for q in self.params if q.dim() >= 2]
         no_decay = [q for q in self.params if q.dim() < 2]
         t = cfg.train
@@ -240,7 +247,7 @@ class Trainer:
         loss_sum = torch.zeros(())
         scale = self.grad_comm.size if self.engine is not None else 1.0  # DeepSpeed averages
         c0 = time.thread_time()
-        with self._fsdp_comm():
+        with self._fsdp_comm(), self._tp_comm():
             self._forward_backward(model, batches, denom, scale, loss_sum)
         compute_s = time.thread_time() - c0
         grad_norm = self._sync_and_step()
@@ -254,7 +261,12 @@ class Trainer:
             tokens, labels, mask, pos = self._local(b)
             self.ctx.set_batch(b.cu_seqlens, pos, b.tokens.numel())
             with self._offload():
-                loss = self._loss(model, tokens, labels, mask, pos, denom, cfg.model.loss_tile)
+                if self.tp_comm is not None:
+                    from distattn.train.tp_step import tp_loss
+                    loss = tp_loss(model, tokens, labels, mask, pos, denom, cfg.model.loss_tile, self.tp_comm,
+                                   cfg.parallel.sequence_parallel)
+                else:
+                    loss = self._loss(model, tokens, labels, mask, pos, denom, cfg.model.loss_tile)
             loss_sum += loss.detach()
             if self.engine is not None:
                 with self._zero_comm():
@@ -269,6 +281,14 @@ class Trainer:
             return contextlib.nullcontext()
         from distattn.train.fsdp import counted
         return counted(self.fsdp_ops, self.ledger)
+
+    def _tp_comm(self):
+        """Megatron's tensor-parallel collectives of the step, counted in the ledger under "tp"."""
+        import contextlib
+        if self.tp_comm is None:
+            return contextlib.nullcontext()
+        from distattn.model.tensor_parallel import counted_tp_comm
+        return counted_tp_comm(self.ledger)
 
     def _finish_step(self, total, batches, t0: float, compute_s: float, grad_norm: float) -> StepLog:
         cfg = self.cfg
@@ -352,7 +372,13 @@ class Trainer:
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
         if self.fsdp_ops is not None:  # FSDP reduce-scattered the gradients already
+            self._sum_sequence_parallel_grads()
             norm = self._clip_sharded()
+        elif self.tp_comm is not None:
+            from distattn.train.tp_step import clip_tp_grads
+            self._sum_grads()
+            self._sum_sequence_parallel_grads()
+            norm = clip_tp_grads(self.params, self.param_names, self.tp_comm, self.cfg.train.grad_clip)
         else:
             norm = float(self._sum_and_clip())
         self.optimizer.step()
@@ -362,6 +388,22 @@ class Trainer:
 
     def _sum_and_clip(self):
         """Gradients summed over dp x cp in one flat all-reduce through the ledger, then clipped."""
+        self._sum_grads()
+        clip = self.cfg.train.grad_clip
+        return torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+
+    def _sum_sequence_parallel_grads(self) -> None:
+        """Norm weights under sequence parallelism saw only this tp rank's tokens: sum over tp."""
+        if self.tp_comm is None or not self.cfg.parallel.sequence_parallel:
+            return
+        from distattn.model.tp_weights import split_of
+        for name, q in zip(self.param_names, self.params):
+            if split_of(name) is None and q.grad is not None:  # the norms: whole on every tp rank
+                g = q.grad.to_local() if hasattr(q.grad, "to_local") else q.grad
+                self.tp_comm.all_reduce(g, op="sum")
+
+    def _sum_grads(self) -> None:
+        """Gradients summed over the dp x cp ranks of this tp index in one flat all-reduce."""
         grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         self.grad_comm.all_reduce(flat, op="sum")  # gradients of the global mean loss
@@ -370,17 +412,18 @@ class Trainer:
             n = q.numel()
             q.grad = flat[off:off + n].view_as(q).to(q.dtype)
             off += n
-        clip = self.cfg.train.grad_clip
-        return torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
 
     def _clip_sharded(self) -> float:
         """The global gradient norm of sharded gradients (one scalar all-reduce through the ledger) and
         clip_grad_norm_'s scaling of them, so the step equals the unsharded one."""
+        from distattn.model.tp_weights import split_of
         local = [q.grad.to_local() for q in self.params if q.grad is not None]
+        counted = [q.grad.to_local() for n, q in zip(self.param_names, self.params) if q.grad is not None
+                   and (self.tp_comm is None or self.mesh.coords.tp == 0 or split_of(n) is not None)]
         sq = torch.zeros((), dtype=torch.float32)
-        for g in local:
+        for g in counted:  # a weight every tp rank holds whole counts once
             sq += g.float().square().sum()
-        self.grad_comm.all_reduce(sq, op="sum")
+        Comm(self.mesh.trainer_group, self.ledger).all_reduce(sq, op="sum")
         norm = float(sq.sqrt())
         clip = self.cfg.train.grad_clip
         if clip > 0:
