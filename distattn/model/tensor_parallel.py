@@ -216,5 +216,28 @@ def counted_tp_comm(ledger, tag: str = "tp") -> Iterator[None]:
         yield
 
 
+def tp_step_bytes(num_layers: int, tokens: int, hidden: int, elem: int, tp: int, sequence_parallel: bool,
+                  recompute: str = "none") -> dict[str, int]:
+    """Bytes one rank sends for megatron's tensor parallelism in one micro-batch's forward and backward.
+
+    `tokens` is the cp rank's token count. Each collective moves a `[tokens, hidden]` activation:
+    with sequence parallelism an all-gather or reduce-scatter sends (tp-1)/tp of it, without it an
+    all-reduce sends 2 (tp-1)/tp. Per layer, the forward has two of each (before q/k/v and fc1;
+    after the output projection and fc2) and the backward six (each column-parallel linear gathers
+    its input again and reduce-scatters its input gradient; each row-parallel one gathers its output
+    gradient); without sequence parallelism two all-reduces each way. The embedding and the loss's
+    gather add one each way. Recomputation repeats the forward up to the last tensor the backward
+    needs (torch's checkpoint stops there), which leaves out the layer's last reduce.
+    """
+    act = tokens * hidden * elem
+    per_layer_fwd, per_layer_bwd, ends, again = (4, 6, 4, 3) if sequence_parallel else (2, 2, 2, 1)
+    ops = num_layers * (per_layer_fwd + per_layer_bwd) + ends
+    if recompute in ("full", "selective"):
+        ops += num_layers * again
+    if sequence_parallel:
+        return {"ops": ops, "bytes": ops * (tp - 1) * act // tp}
+    return {"ops": ops, "bytes": ops * 2 * (tp - 1) * act // tp}
+
+
 __all__ = ["SequenceParallelRMSNorm", "counted_tp_comm", "install_megatron_tp", "is_tp_sharded",
-           "megatron_groups", "needs_tp_grad_sum", "sequence_parallel_embedding"]
+           "megatron_groups", "needs_tp_grad_sum", "sequence_parallel_embedding", "tp_step_bytes"]
