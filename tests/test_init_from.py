@@ -115,3 +115,15 @@ def test_the_checkpoints_rope_scaling_is_kept_and_refined(tmp_path):
     assert (rs.type, rs.factor, rs.original_max_position_embeddings) == ("llama3", 8.0, 8192)
     rs = load_config(None, [f"model.init_from={d}", "model.rope_scaling.factor=16"]).model.rope_scaling
     assert (rs.type, rs.factor, rs.original_max_position_embeddings) == ("llama3", 16.0, 8192)
+
+
+def test_hf_weights_split_over_tp_step_equals_one_rank(ranks, tmp_path, hf_dir):
+    """model.init_from with parallel.tp=2: each rank keeps its tp part of every Hugging Face weight."""
+    one = load_config(None, COMMON + [f"model.init_from={hf_dir}", f"run.output_dir={tmp_path / 'a'}",
+                                      "parallel.cp=1", "attention.scheme=local"])
+    tp = load_config(None, COMMON + [f"model.init_from={hf_dir}", f"run.output_dir={tmp_path / 'b'}",
+                                     "parallel.cp=1", "parallel.tp=2", "attention.scheme=local"])
+    (l1, p1), = [r for r in ranks(1, one_step, one.model_dump()) if r is not None]
+    (l2, p2), = [r for r in ranks(2, one_step, tp.model_dump()) if r is not None]
+    assert l1[0] == pytest.approx(l2[0], rel=1e-5)
+    torch.testing.assert_close(p2, p1, atol=1e-5, rtol=0)
