@@ -18,6 +18,10 @@ Both wrap layers with non-reentrant `torch.utils.checkpoint` (megatron's own
 `recompute_granularity` goes through its tensor-parallel checkpoint and CUDA
 RNG tracker; our layers have no dropout, so no RNG state needs restoring).
 Gradients equal those without recomputation.
+
+With ``full`` an offloader (`distattn.model.offload.LayerInputOffload`) can
+keep each layer's input, the one activation full recomputation keeps, in
+host memory until the backward re-runs the layer (`model.offload_activations`).
 """
 from __future__ import annotations
 
@@ -79,19 +83,27 @@ def _core_forward(orig, query, key, value, *args, **kwargs):
     return _ReplayAttention.apply(query, key, value, entry)
 
 
-def _checkpointed(orig_forward, selective: bool, *args, **kwargs):
+def _checkpointed(orig_forward, selective: bool, offload, *args, **kwargs):
     if not torch.is_grad_enabled():
         return orig_forward(*args, **kwargs)
+    if offload is not None and args and "hidden_states" not in kwargs:
+        # the checkpoint version-checks positional inputs, and the offload bumps the input's version
+        kwargs, args = {"hidden_states": args[0], **kwargs}, args[1:]
     state = _LayerState()
 
     def run(*a, **kw):
         state.calls += 1
         state.next = 0
+        if offload is not None and state.calls > 1:  # the recompute: the input back on the device
+            offload.restore(state)
         cm = _push(state) if selective else contextlib.nullcontext()
         with cm:
             return orig_forward(*a, **kw)
 
-    return checkpoint(run, *args, use_reentrant=False, **kwargs)
+    out = checkpoint(run, *args, use_reentrant=False, **kwargs)
+    if offload is not None:
+        offload.save(state, kwargs["hidden_states"])
+    return out
 
 
 @contextlib.contextmanager
@@ -103,15 +115,22 @@ def _push(state: _LayerState):
         _ACTIVE.pop()
 
 
-def apply_recompute(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """Wrap every transformer layer of a megatron GPTModel for `mode` (in place)."""
+def apply_recompute(model: torch.nn.Module, mode: str, offload=None) -> torch.nn.Module:
+    """Wrap every transformer layer of a megatron GPTModel for `mode` (in place).
+
+    `offload`: a `LayerInputOffload` keeping each layer's input in host memory
+    between forward and backward; only with ``full``.
+    """
     if mode not in MODES:
         raise ValueError(f"model.recompute={mode!r}; choose one of {', '.join(MODES)}")
+    if offload is not None and mode != "full":
+        raise ValueError(f"model.offload_activations=true with model.recompute={mode}: offloading moves "
+                         "the layer inputs that full recomputation keeps; use model.recompute=full")
     if mode == "none":
         return model
     layers = list(model.decoder.layers)
     for layer in layers:
-        layer.forward = functools.partial(_checkpointed, layer.forward, mode == "selective")
+        layer.forward = functools.partial(_checkpointed, layer.forward, mode == "selective", offload)
         if mode == "selective":
             core = layer.self_attention.core_attention
             core.forward = functools.partial(_core_forward, core.forward)
