@@ -100,3 +100,13 @@ def test_tp_resume_on_another_tp_is_refused(tmp_path):
 def test_tp_refusals(extra, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, TINY + list(extra))
+
+
+def test_tp_validation_loss_equals_one_rank(ranks, tmp_path):
+    """Evaluation joins the tp ranks' vocabulary shards of the logits."""
+    from train_util import validation
+    one = cfg_for(tmp_path / "a", "parallel.cp=1", "attention.scheme=local", "eval.val_sequences=2")
+    tp = cfg_for(tmp_path / "b", "parallel.cp=1", "parallel.tp=2", "attention.scheme=local",
+                 "eval.val_sequences=2")
+    assert ranks(2, validation, tp.model_dump())[0] == pytest.approx(ranks(1, validation, one.model_dump())[0],
+                                                                      rel=1e-5)

@@ -51,3 +51,13 @@ def step_records(cfg_dict: dict):
     recs = [(r.op, r.bytes_sent, r.tag) for r in tr.ledger.records]
     tr.mesh.destroy()
     return (recs, param_count(cfg.model)) if tr.rank == 0 else None
+
+
+def validation(cfg_dict: dict) -> float:
+    """The validation loss of the initial weights (eval.val_sequences held-out sequences)."""
+    from distattn.eval.run import validation_loss
+    from distattn.train.trainer import Trainer
+    tr = Trainer(Config.model_validate(cfg_dict), quiet=True)
+    loss = validation_loss(tr)
+    tr.mesh.destroy()
+    return loss

@@ -34,6 +34,8 @@ def forward_local(tr, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Te
     try:
         with torch.no_grad():
             logits = model(tokens[idx][None], pos[None], None)[0].float()
+            if getattr(tr, "tp_comm", None) is not None:  # vocabulary shards of tp ranks, in rank order
+                logits = torch.cat(list(tr.tp_comm.all_gather(logits)), dim=-1)
     finally:
         model.train(was_training)
     y, m = labels[idx], mask[idx].float()
