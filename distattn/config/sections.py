@@ -157,7 +157,8 @@ class ModelConfig(_Section):
     dtype: DType = "fp32"
     # activation recomputation: none | selective (layers re-run, core attention kept) | full
     recompute: Literal["none", "selective", "full"] = "none"
-    # GPU runs: keep saved activations in pinned host memory (CPU runs: a logged no-op)
+    # GPU runs with recompute=full: each layer's input in pinned host memory between forward and
+    # backward (CPU runs: a logged no-op)
     offload_activations: bool = False
     # long context: run each MLP over tiles of this many local tokens, recomputed in the backward
     # (0: untiled), so [T, ffn] never exists whole
@@ -200,6 +201,10 @@ class ModelConfig(_Section):
                 problems.append(f"layer_pattern={pattern!r} has {len(pattern)} layers but "
                                 f"num_layers={self.num_layers}; set model.num_layers={len(pattern)} "
                                 f"or give model.layer_pattern {self.num_layers} characters")
+        if self.offload_activations and self.recompute != "full":
+            problems.append(f"offload_activations=true with recompute={self.recompute}: offloading moves the "
+                            "layer inputs that full recomputation keeps; set model.recompute=full "
+                            "or model.offload_activations=false")
         _fail(problems)
         return self
 

@@ -125,4 +125,8 @@ def build_gpt(model_cfg, context: AttentionContext, max_sequence_length: int,
     from distattn.model.recompute import apply_recompute
     from distattn.model.tiled_mlp import apply_tiled_mlp
     apply_tiled_mlp(model, getattr(model_cfg, "mlp_tile", 0))
-    return apply_recompute(model, getattr(model_cfg, "recompute", "none"))
+    offload = None
+    if getattr(model_cfg, "offload_activations", False):  # each layer's input in host memory until its
+        from distattn.model.offload import LayerInputOffload  # recompute; tensors already there stay put
+        offload = LayerInputOffload()
+    return apply_recompute(model, getattr(model_cfg, "recompute", "none"), offload)

@@ -38,6 +38,8 @@ def option_rows(cfg, budget_gib: float) -> list[dict]:
     rows = []
     for shard, rc, lt, mt, off in itertools.product(("none", "fsdp"), ("none", "selective", "full"),
                                                     (0, TILE), (0, TILE), (False, True)):
+        if off and rc != "full":  # offload moves the layer inputs that full recomputation keeps
+            continue
         c = _with(cfg, shard, rc, lt, mt, off)
         plan = predict_memory(c)
         row = {"shard": shard, "recompute": rc, "loss_tile": lt, "mlp_tile": mt, "offload": off,

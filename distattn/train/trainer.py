@@ -330,21 +330,20 @@ class Trainer:
         return (per_tok * mask).sum() / denom
 
     def _offload(self):
-        """model.offload_activations: saved activations to pinned host memory on CUDA runs.
+        """model.offload_activations: nothing to wrap here; the model moves each layer's input.
 
+        build_gpt gave the recomputed layers a LayerInputOffload (distattn.model.offload),
+        which keeps CUDA layer inputs in pinned host memory between forward and backward.
         On CPU the activations already live in host memory, so it is a no-op (logged once).
         """
         import contextlib
-        if not self.cfg.model.offload_activations:
-            return contextlib.nullcontext()
-        if not torch.cuda.is_available():
+        if self.cfg.model.offload_activations and not torch.cuda.is_available():
             if not getattr(self, "_offload_noted", False):
                 self._offload_noted = True
                 if self.rank == 0 and not self.quiet:
                     print("distattn: model.offload_activations=true has no effect on CPU "
                           "(activations are already in host memory)", file=sys.stderr)
-            return contextlib.nullcontext()
-        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+        return contextlib.nullcontext()
 
     def _balance_stats(self, batches, compute_s: float) -> dict:
         """Predicted (pair units) and measured (CPU seconds of forward+backward) work of every dp rank:
