@@ -64,13 +64,14 @@ def test_options_table_and_the_cheapest_fit():
     from distattn.plan.options import cheapest, option_rows
     cfg = load_config(None, LLAMA8B + ["data.seq_len=1048576"])
     rows = option_rows(cfg, 80)
-    assert len(rows) == 32  # 24 without offload, 8 offloading under recompute=full
+    # per tp size (1, 2, 4, 8 split the 8 devices and the model): 24 without offload, 8 offloading under full
+    assert len(rows) == 4 * 32 and sorted({(r["tp"], r["cp"]) for r in rows}) == [(1, 8), (2, 4), (4, 2), (8, 1)]
     best = cheapest(rows)
     assert best["fits"] and all(r["cost"] >= best["cost"] for r in rows if r["fits"])
     assert best["longest"] >= 1048576
     res = run_cli(["plan", "memory", "configs/models/llama3_8b.yaml", "--set", "parallel.cp=8", "--set",
                    "data.seq_len=1048576", "--options"])
-    assert res.code == 0 and "cheapest that fits 1048576 tokens: --set train.shard=fsdp" in res.out, res.text
+    assert res.code == 0 and "cheapest that fits 1048576 tokens: --set parallel.tp=" in res.out, res.text
     tiny = run_cli(["plan", "memory", "configs/models/llama3_8b.yaml", "--set", "parallel.cp=1", "--set",
                     "data.seq_len=16777216", "--budget-gib", "8", "--options"])
     assert tiny.code == 0 and "nothing fits" in tiny.out

@@ -114,27 +114,36 @@ def _root_params(m) -> int:
     return (1 if getattr(m, "tie_embeddings", False) else 2) * m.vocab_size * m.hidden_size + m.hidden_size
 
 
-def _layer_saved(m, s: int) -> dict[str, float]:
+def _layer_saved(m, s: int, tp: int = 1, sp: bool = False) -> dict[str, float]:
     """Per-token bytes one transformer layer saves for its backward, by part.
 
     Counted from the tensors autograd keeps (a census of saved tensors of the
     megatron layer with distattn core attention): two RMSNorms (input and
     normalised output each, fp32 rstd), q/k/v and the projection input, the
     scheme's q, k, v, out and lse, fc1's output and the SwiGLU's three f-wide
-    tensors.
+    tensors. Under tensor parallelism the head- and FFN-wide tensors hold this
+    rank's 1/tp of the heads and of the FFN; the hidden-wide ones (norms, linear
+    inputs) hold every token, or 1/tp of them with sequence parallelism (`sp`).
     """
     h, H, d, kv, f = m.hidden_size, m.num_attention_heads, m.head_dim, m.num_query_groups, m.ffn_hidden_size
-    core = (2 * h + 2 * kv * d) * s + 4 * H            # q (roped), k (roped), v, out; lse fp32
-    attn_rest = 3 * h * s + 4                          # norm input and output, projection input, rstd
-    mlp = 3 * h * s + 4 + 5 * f * s                    # norm, fc1 input, fc1 output (2f), SwiGLU 3f
-    inputs = (h + 2 * kv * d) * s                      # core attention inputs before RoPE
+    rows = tp if sp else 1                             # the hidden-wide tensors' share of the tokens
+    core = ((2 * h + 2 * kv * d) * s + 4 * H) / tp     # q (roped), k (roped), v, out; lse fp32
+    attn_rest = (2 * h * s + 4) / rows + h * s / tp    # norm input and output, rstd; projection input
+    mlp = (3 * h * s + 4) / rows + 5 * f * s / tp      # norm, fc1 input; fc1 output (2f), SwiGLU 3f
+    inputs = (h + 2 * kv * d) * s / tp                 # core attention inputs before RoPE
     return {"core": core, "attn_rest": attn_rest, "mlp": mlp, "inputs": inputs,
             "full": core + attn_rest + mlp}
 
 
-def _comm_buffers(scheme: str, cp: int, T: int, m, s: int) -> tuple[float, float]:
-    """(forward, backward) bytes of one layer's communication buffers on a rank."""
-    H, d, kv = m.num_attention_heads, m.head_dim, m.num_query_groups
+def tp_param_count(m, tp: int) -> int:
+    """Parameters one tp rank holds: 1/tp of every split weight, the norms whole."""
+    norms = (2 * m.num_layers + 1) * m.hidden_size
+    return -(-(param_count(m) - norms) // tp) + norms
+
+
+def _comm_buffers(scheme: str, cp: int, T: int, m, s: int, tp: int = 1) -> tuple[float, float]:
+    """(forward, backward) bytes of one layer's communication buffers on a rank (its tp share of heads)."""
+    H, d, kv = m.num_attention_heads // tp, m.head_dim, m.num_query_groups // tp
     kv_local = 2 * T * kv * d                          # this rank's K and V elements
     if cp == 1 or scheme == "local":
         return 0.0, 0.0
@@ -154,7 +163,8 @@ def _comm_buffers(scheme: str, cp: int, T: int, m, s: int) -> tuple[float, float
 
 
 def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: int | None = None,
-                   scheme: str | None = None, recompute: str | None = None) -> MemoryPlan:
+                   scheme: str | None = None, recompute: str | None = None,
+                   tp: int | None = None) -> MemoryPlan:
     """Predicted per-rank peak bytes of a training step of `cfg` (overrides optional).
 
     The peak is the largest of three moments, each the tensors live then:
@@ -163,8 +173,18 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
     that layer's activations rebuilt) and the backward of its core attention
     (the scheme's backward buffers). Static memory (parameters, gradients,
     optimizer state) is live at all three in a steady-state step.
+
+    With tensor parallelism (`tp`, default the config's parallel.tp) each rank
+    holds 1/tp of the split weights and of the head- and FFN-wide activations;
+    with sequence parallelism also 1/tp of the hidden-wide ones, plus megatron's
+    all-gathered `[T, h]` input, kept in its shared buffer, and one `[T, h]`
+    gradient in the backward (gathered, or before its reduce-scatter). The loss gathers the final
+    hidden states of all T tokens and runs over this rank's 1/tp of the vocabulary.
     """
     m, t = cfg.model, cfg.train
+    tp = _count("tp", getattr(cfg.parallel, "tp", 1) if tp is None else tp)
+    sp = tp > 1 and getattr(cfg.parallel, "sequence_parallel", True)
+    rows = tp if sp else 1
     n = _count("seq_len", cfg.data.seq_len if seq_len is None else seq_len)
     cp = _count("cp", cfg.parallel.cp if cp is None else cp)
     dp = _count("dp", cfg.parallel.dp if dp is None else dp)
@@ -173,7 +193,7 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
     s = 2 if m.dtype == "bf16" else 4
     h, d, kv, V = m.hidden_size, m.head_dim, m.num_query_groups, m.vocab_size
     T = -(-n // cp)  # tokens on this rank
-    P = param_count(m)
+    P = tp_param_count(m, tp)
     shards = dp * cp
     params = P * s
     fsdp = getattr(t, "shard", "none") == "fsdp"
@@ -186,36 +206,42 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
         optim = opt_full // shards
         grads = P * s + (4 * P // shards if t.zero_stage == 2 else 4 * P)
 
-    part = _layer_saved(m, s)
+    part = _layer_saved(m, s, tp, sp)
     mlp_tile = getattr(m, "mlp_tile", 0)
     mlp_whole = part["mlp"]
     if mlp_tile:  # the MLP's f-wide tensors are rebuilt one tile at a time; its norm keeps its own
-        part = {**part, "mlp": 3 * h * s + 4}
+        part = {**part, "mlp": (3 * h * s + 4) / rows}
         part["full"] = part["core"] + part["attn_rest"] + part["mlp"]
     L = m.num_layers
     if recompute == "none":
         kept, redo = part["full"], 0.0
     elif recompute == "full":
-        kept, redo = h * s, part["full"]
+        kept, redo = h * s / rows, part["full"]
     elif recompute == "selective":
         # rebuilt: everything but the core attention; the rebuilt q/k/v
         # projection (measured live through the layer's backward) too
-        kept = h * s + part["core"] + part["inputs"]
+        kept = h * s / rows + part["core"] + part["inputs"]
         redo = part["attn_rest"] + part["mlp"] + part["inputs"]
     else:  # unreachable: _recompute checked it
         raise ConfigError(f"recompute={recompute!r}; choose one of {', '.join(RECOMPUTE)}")
     once = 8 + 8 + 4 + 2 * d * 4                      # tokens, labels, per-token loss, RoPE cos/sin
+    if sp:
+        once += h * s                                  # megatron's shared all-gather buffer, [T, h]
     base = L * kept + once
     host = 0.0
-    if getattr(m, "offload_activations", False):  # saved tensors wait in host memory; the device holds
-        host = L * kept                             # the layer being rebuilt and the one fetched next
-        base = min(L, 2) * kept + once
+    if getattr(m, "offload_activations", False) and recompute == "full":
+        host = L * kept                   # every layer's input waits in host memory; the device holds
+        base = min(L, 2) * kept + once    # the layer being rebuilt and the one fetched next
     # 1. the loss: saved log-softmax (fp32) and the final norm output, plus the
     #    gradients of the log-softmax and of the logits; tiled (model.loss_tile), one tile's fp32
     #    logits and their gradient, the hidden states' gradient (formed in the forward) and the
     #    output weight's fp32 gradient
     loss_tile = getattr(m, "loss_tile", 0)
-    if loss_tile:
+    if tp > 1:  # vocabulary-parallel, tiled (one tile of all T tokens without model.loss_tile): the
+        # final norm's output, the gathered hidden states and their gradient, a tile's V/tp logits
+        Vt = -(-V // tp)
+        loss = base + h * s / rows + 2 * h * s + (min(loss_tile or T, T) * Vt * (8 + s) + 4 * Vt * h) / T
+    elif loss_tile:
         loss = base + h * s + h * s + (min(loss_tile, T) * V * (8 + s) + 4 * V * h) / T
     else:
         loss = base + 4 * V + h * s + 2 * 4 * V
@@ -223,19 +249,22 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
     #    recomputation, together with the rebuilt forward's h-wide output) and
     #    three h-wide gradients (residual stream, MLP output, norm input); its
     #    saved tensors are freed as it proceeds
-    mlp = base + redo + (h * s if redo else 0) + 3 * h * s
+    mlp = base + redo + (h * s / rows if redo else 0) + 3 * h * s / rows
+    if sp:  # one [T, h] tensor of megatron's: a row-parallel linear's all-gathered output gradient, or a
+        mlp += h * s  # column-parallel one's input gradient before its reduce-scatter
     if mlp_tile:  # one tile's SwiGLU activations rebuilt for its backward
         mlp += min(mlp_tile, T) * mlp_whole / T
     # 3. its core attention backward: the MLP's saved tensors are gone; the
     #    gradients of out, q, k, v and the scheme's backward buffers are live
-    attn_grads = (2 * h + 4 * kv * d) * s
-    _, comm_bwd = _comm_buffers(scheme, cp, T, m, s)
-    attn = base + redo - part["mlp"] + attn_grads
+    attn_grads = (2 * h + 4 * kv * d) * s / tp
+    _, comm_bwd = _comm_buffers(scheme, cp, T, m, s, tp)
+    attn = base + redo - part["mlp"] + attn_grads + (h * s if sp else 0)
     gathered = 0.0
     if fsdp:  # the root's parameters stay whole from forward to backward; a layer's whole
         # parameters, the next one's (prefetched) and its whole gradient before the reduce-scatter
-        layer = (P - _root_params(m)) / L
-        gathered = (_root_params(m) + 3 * layer) * s / T
+        root = (_root_params(m) - h) / tp + h
+        layer = (P - root) / L
+        gathered = (root + 3 * layer) * s / T
     phases = {"loss": (loss, gathered), "mlp_backward": (mlp, gathered),
               "attention_backward": (attn, comm_bwd / T + gathered)}
     phase, (peak, comm) = max(phases.items(), key=lambda kv_: kv_[1][0] + kv_[1][1])
