@@ -110,3 +110,17 @@ def test_tp_validation_loss_equals_one_rank(ranks, tmp_path):
                  "eval.val_sequences=2")
     assert ranks(2, validation, tp.model_dump())[0] == pytest.approx(ranks(1, validation, one.model_dump())[0],
                                                                       rel=1e-5)
+
+
+def test_planner_predicts_the_measured_tp_peak():
+    """tp=2 with sequence parallelism, 4K tokens: the planner within 10% of the measured peak growth of a
+    step (fresh processes; fp32; docs/benchmarks.md has the other tp points)."""
+    from distattn.bench.memory import malloc_returns_freed_memory, measure_step
+    from distattn.multiproc import run_on_ranks
+    from distattn.plan.memory import predict_memory
+    cfg = load_config(None, TINY[:5] + ["data.seq_len=4096", "parallel.cp=1", "parallel.tp=2",
+                                        "attention.scheme=local", "train.tensorboard=false"])
+    with malloc_returns_freed_memory():
+        got = run_on_ranks(measure_step, 2, cfg.model_dump(), True, timeout=300)[0]["peak_growth"]
+    plan = predict_memory(cfg)
+    assert 0.9 <= (plan.total - plan.params) / got <= 1.1, ((plan.total - plan.params) / got)
