@@ -238,9 +238,10 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
     #    output weight's fp32 gradient
     loss_tile = getattr(m, "loss_tile", 0)
     if tp > 1:  # vocabulary-parallel, tiled (one tile of all T tokens without model.loss_tile): the
-        # final norm's output, the gathered hidden states and their gradient, a tile's V/tp logits
+        # final norm's output, the gathered hidden states, their gradient formed in the forward and
+        # its scaled copy handed back in the backward, a tile's V/tp logits
         Vt = -(-V // tp)
-        loss = base + h * s / rows + 2 * h * s + (min(loss_tile or T, T) * Vt * (8 + s) + 4 * Vt * h) / T
+        loss = base + h * s / rows + 3 * h * s + (min(loss_tile or T, T) * Vt * (8 + s) + 4 * Vt * h) / T
     elif loss_tile:
         loss = base + h * s + h * s + (min(loss_tile, T) * V * (8 + s) + 4 * V * h) / T
     else:
