@@ -85,7 +85,8 @@ class RunLogger:
             p, a = cfg.parallel, cfg.attention
             print(f"distattn train: {cfg.model.num_layers} layers ({cfg.model.layer_kinds()}), "
                   f"hidden {cfg.model.hidden_size}, seq_len {cfg.data.seq_len}, dp={p.dp} cp={p.cp} "
-                  f"scheme={a.scheme} layout={a.layout}, {cfg.train.steps} steps", flush=True)
+                  + (f"tp={p.tp}{' (sequence parallel)' if p.sequence_parallel else ''} " if p.tp > 1 else "")
+                  + f"scheme={a.scheme} layout={a.layout}, {cfg.train.steps} steps", flush=True)
             if self.writer is not None:
                 print(f"TensorBoard logs: {self.tb_dir}  (tensorboard --logdir {self.tb_dir})", flush=True)
 

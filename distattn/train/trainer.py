@@ -148,6 +148,10 @@ class Trainer:
                                     rope_base=cfg.model.rope_base,
                                     rope_scaling=cfg.model.rope_scaling.to_rope(),
                                     softmax_group=attention_group(self.mesh))
+        if p.tp > 1 and p.sequence_parallel:
+            # megatron orders its sequence-parallel gathers before the GEMMs they feed through a single
+            # CUDA work queue; launchers should export it before CUDA starts (harmless on CPU)
+            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         self.model = build_gpt(cfg.model, self.ctx, cfg.data.seq_len, seed=cfg.run.seed,
                                tp_group=self.mesh.tp_group, sequence_parallel=p.sequence_parallel)
         self.fsdp_ops = None
