@@ -120,8 +120,6 @@ def _setup(kind: str, tmp: Path) -> dict:
         (run / "checkpoints" / "latest").write_text("step_00000009")
     elif kind == "hidden64":
         _checkpoint(run, 2, "model.hidden_size=32", "model.ffn_hidden_size=64")
-    elif kind == "dp2":
-        _checkpoint(run, 2, "parallel.dp=2")
     elif kind == "zero1":
         _checkpoint(run, 2)
         meta = run / "checkpoints" / "step_00000002" / "meta.json"
@@ -191,7 +189,6 @@ CASES = [
     ("resume-bad-marker", "bad_marker", ["--resume"], ["latest", "step_00000009", "--resume STEP"]),
     ("resume-other-model", "hidden64", ["--resume"],
      ["model.hidden_size=32 then, 64 now", "model.ffn_hidden_size", "--set model.hidden_size=32"]),
-    ("resume-other-dp", "dp2", ["--resume"], ["parallel.dp=2 then, 1 now", "--set parallel.dp=2"]),
     ("resume-other-zero", "zero1", ["--resume"], ["train.zero_stage=1 then, 0 now"]),
     ("resume-other-seq-len", "seq256", ["--resume"], ["data.seq_len=256 then, 128 now"]),
     ("resume-other-data", "otherdata", ["--resume"], ["other data", "num_tokens"]),

@@ -67,3 +67,14 @@ def test_fsdp_refusals():
     with pytest.raises(ConfigError, match="attention_servers"):
         load_config(None, ["train.shard=fsdp", "parallel.attention_servers=1", "parallel.world_size=3",
                            "attention.scheme=cad"])
+
+
+def test_fsdp_resumes_on_another_dp(ranks, tmp_path):
+    """The data stream is global (sample i goes to dp rank i mod dp), so dp=2 resumed at dp=1 with twice the
+    gradient accumulation sees the same samples per step as the uninterrupted dp=2 run: the same losses."""
+    common = ("train.shard=fsdp", "train.ckpt_every=2", "parallel.cp=1", "attention.scheme=local")
+    straight = ranks(2, fit, cfg_for(tmp_path / "a", "parallel.dp=2", *common).model_dump())[0]
+    ranks(2, fit, cfg_for(tmp_path / "b", "parallel.dp=2", *common).model_dump(), False, 2)
+    one = cfg_for(tmp_path / "b", "parallel.dp=1", "train.grad_accum=2", *common)
+    resumed = ranks(1, fit, one.model_dump(), True)[0]
+    assert resumed == pytest.approx(straight[2:], rel=1e-5)

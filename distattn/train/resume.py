@@ -216,8 +216,8 @@ def incompatibilities(cfg, meta: dict[str, Any], saved: dict[str, Any] | None) -
             if section in saved and k in (saved.get(section) or {}) and a != b:
                 out.append((f"{section}.{k}", a, b, "the saved data position belongs to other data"))
     p = cfg.parallel
-    if meta["dp"] != p.dp:
-        out.append(("parallel.dp", meta["dp"], p.dp, "the data order per dp rank would change (cp may differ)"))
+    if meta["dp"] != p.dp and cfg.data.balance == "attention":
+        out.append(("parallel.dp", meta["dp"], p.dp, "data.balance=attention packs documents per dp rank"))
     if meta.get("tp", 1) != p.tp:
         out.append(("parallel.tp", meta.get("tp", 1), p.tp,
                     "each tp rank's parts of the weights are saved under its own keys"))
