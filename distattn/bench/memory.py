@@ -73,19 +73,21 @@ def measure_step(cfg_dict: dict, warm_up: bool = True, steps: int = 2) -> dict:
 
 def measure(cfg, seq_len: int, cp: int, scheme: str, recompute: str, timeout: float = 600.0,
             warm_up: bool = True) -> dict:
-    """`measure_step` on cp fresh ranks for `cfg` (its whole model section) at one point."""
+    """`measure_step` on cp x tp fresh ranks for `cfg` (its whole model section and parallel.tp) at one
+    point."""
     from distattn.config import Config
     from distattn.multiproc import run_on_ranks
     d = cfg.model_dump()
     d["data"]["seq_len"] = seq_len
     ulysses = cfg.parallel.ulysses if scheme == "usp" else 1  # usp keeps the config's degree
-    d["parallel"].update(world_size=cp, dp=1, cp=cp, ulysses=ulysses, ring=None, attention_servers=0)
+    tp = cfg.parallel.tp
+    d["parallel"].update(world_size=cp * tp, dp=1, cp=cp, ulysses=ulysses, ring=None, attention_servers=0)
     d["attention"]["scheme"] = scheme if cp > 1 else "local"
     d["model"]["recompute"] = recompute
     d["train"]["tensorboard"] = False
     c = Config.model_validate(d)
     with malloc_returns_freed_memory():
-        return run_on_ranks(measure_step, cp, c.model_dump(), warm_up, timeout=timeout)[0]
+        return run_on_ranks(measure_step, cp * tp, c.model_dump(), warm_up, timeout=timeout)[0]
 
 
 @contextlib.contextmanager
