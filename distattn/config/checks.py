@@ -99,12 +99,14 @@ def tp_problems(cfg: "Config") -> list[str]:
                         f"(train.zero_stage=0) for sharded state with tensor parallelism")
     if par.sequence_parallel:
         if a.layout not in SP_LAYOUTS:
-            problems.append(f"parallel.sequence_parallel splits each cp rank's tokens over tp, which needs "
+            problems.append(f"parallel.tp={tp} with parallel.sequence_parallel splits each cp rank's tokens "
+                            f"over tp, which needs "
                             f"equal shares; attention.layout={a.layout} gives uneven ones; use "
                             f"attention.layout={' or '.join(SP_LAYOUTS)}, or parallel.sequence_parallel=false")
         elif cfg.data.seq_len % (par.cp * tp):
             step = par.cp * tp
-            problems.append(f"parallel.sequence_parallel: data.seq_len={cfg.data.seq_len} must be a multiple "
+            problems.append(f"parallel.tp={tp} with parallel.sequence_parallel: data.seq_len={cfg.data.seq_len} "
+                            f"must be a multiple "
                             f"of cp x tp = {par.cp} x {tp} = {step} (every tp rank gets an equal part of its "
                             f"cp rank's tokens); e.g. data.seq_len={max(step, cfg.data.seq_len // step * step)}, "
                             f"or parallel.sequence_parallel=false")
