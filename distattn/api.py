@@ -71,7 +71,7 @@ def _linear_scheme(scheme):
 
 def linear_attention(q, k, v, *, scheme, group=None, cu_seqlens=None, decay=None,
                      feature_map: str | None = None, ledger: CommLedger | None = None,
-                     n_tokens: int | None = None) -> torch.Tensor:
+                     n_tokens: int | None = None, rule: str = "decay", gate=None, beta=None) -> torch.Tensor:
     """Exact causal linear attention of this rank's shard over the whole sequence.
 
     o_t = sum_{s <= t, same document} lam^(t-s) (phi(q_t) . phi(k_s)) v_s, with no
@@ -79,7 +79,17 @@ def linear_attention(q, k, v, *, scheme, group=None, cu_seqlens=None, decay=None
     `scheme`: "lasp2" | "lasp1" | "local" or a configured linear scheme object.
     `decay`: None (lam = 1), a float, or a per-query-head [H] tensor in (0, 1].
     `feature_map`: None / "identity" or "elu1" (elu(x) + 1). Returns [T_local, H, dv].
+
+    `rule="gated_delta"` (Gated DeltaNet) or `"kda"` (Kimi Delta Attention) runs the delta rule
+    instead, S_t = M_t S_{t-1} + beta_t k_t v_t^T, o_t = S_t^T q_t, with `gate` (alpha, [T_local, H]
+    for gated_delta, [T_local, H, dk] for kda) and `beta` [T_local, H]; q, k, v share their heads and
+    feature maps and normalisation are the caller's. Schemes "lasp2" and "local".
     """
     s = _linear_scheme(scheme)
+    if rule != "decay":
+        if not hasattr(s, "linear_attention") or s.name not in ("lasp2", "local"):
+            raise ValueError(f"rule={rule!r} runs on schemes 'lasp2' and 'local', got {s.name!r}")
+        return s.linear_attention(q, k, v, group=group, cu_seqlens=cu_seqlens, ledger=ledger,
+                                  n_tokens=n_tokens, rule=rule, gate=gate, beta=beta)
     return s.linear_attention(q, k, v, group=group, cu_seqlens=cu_seqlens, decay=decay,
                               feature_map=feature_map, ledger=ledger, n_tokens=n_tokens)

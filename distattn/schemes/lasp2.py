@@ -279,7 +279,14 @@ class Lasp2(LinearScheme):
         check_block(self.block)
 
     def linear_attention(self, q, k, v, *, group=None, cu_seqlens=None, decay=None, feature_map=None,
-                         ledger=None, n_tokens=None):
+                         ledger=None, n_tokens=None, rule: str = "decay", gate=None, beta=None):
+        if rule != "decay":  # the delta rule: affine state maps instead of decayed states
+            from distattn.schemes.delta import check_delta_inputs, delta_attention
+            check_delta_inputs(q, k, v, gate, beta, rule)
+            comm, lay, _, _ = self._prepare(q, k, v, group, ledger, n_tokens, cu_seqlens, None, None)
+            return delta_attention(q, k, v, gate, beta, comm=comm,
+                                   peer_runs=[lay.runs(r) for r in range(comm.size)],
+                                   cu_seqlens=lay.cu_seqlens, rule=rule)
         comm, lay, _, fmap = self._prepare(q, k, v, group, ledger, n_tokens, cu_seqlens, decay,
                                            feature_map)
         return lasp2_attention(q, k, v, comm=comm, peer_runs=[lay.runs(r) for r in range(comm.size)],
@@ -292,10 +299,14 @@ class Lasp2(LinearScheme):
         plan = Lasp2Plan(0, [lay.runs(r) for r in range(world)], lay.cu_seqlens)
         return plan.n_fwd, plan.n_bwd
 
-    def comm_bytes(self, shape: AttnShape, world: int, rank: int = 0, decay=None) -> CommVolume:
-        """Bytes sent per rank; pass the call's `decay` (it decides the state heads A)."""
+    def comm_bytes(self, shape: AttnShape, world: int, rank: int = 0, decay=None,
+                   rule: str = "decay") -> CommVolume:
+        """Bytes sent per rank; pass the call's `decay` (it decides the state heads A) or its delta `rule`."""
         self.validate(heads=shape.heads, kv_heads=shape.kv_heads, world=world)
         n_fwd, n_bwd = self.slots(shape.n_tokens, world, shape.cu_seqlens)
+        if rule != "decay":
+            from distattn.schemes.delta import delta_comm_bytes
+            return delta_comm_bytes(n_fwd, n_bwd, shape, world)
         state = self.state_heads(shape.heads, shape.kv_heads, decay) * shape.head_dim ** 2 * STATE_BYTES
         fwd = {"all_gather": (world - 1) * n_fwd * state} if n_fwd else {}
         bwd = {"all_gather": (world - 1) * n_bwd * state} if n_bwd else {}
@@ -325,9 +336,15 @@ class LinearLocal(LinearScheme):
                              f"use lasp2 (or lasp1)")
 
     def linear_attention(self, q, k, v, *, group=None, cu_seqlens=None, decay=None, feature_map=None,
-                         ledger=None, n_tokens=None):
-        check_linear_shapes(q, k, v)
+                         ledger=None, n_tokens=None, rule: str = "decay", gate=None, beta=None):
         _, world = group_rank_size(group)
+        if rule != "decay":
+            from distattn.kernels.delta import chunk_delta_rule
+            from distattn.schemes.delta import check_delta_inputs
+            check_delta_inputs(q, k, v, gate, beta, rule)
+            self.validate(heads=q.shape[1], kv_heads=k.shape[1], world=world)
+            return chunk_delta_rule(q, k, v, gate, beta, cu_seqlens=cu_seqlens)
+        check_linear_shapes(q, k, v)
         self.validate(heads=q.shape[1], kv_heads=k.shape[1], world=world)
         return linear_attention_local(q, k, v, cu_seqlens=cu_seqlens, decay=decay,
                                       feature_map=feature_map, block=self.block)
