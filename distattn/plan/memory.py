@@ -42,15 +42,23 @@ bf16 is planned at 2 bytes per element but not validated: on CPU its steps
 measured 1.25-2x the plan, because the CPU RMSNorm saves fp32 copies of its
 input and output and the CPU attention kernels keep fp32 workspaces.
 
-Long-context modes (planned, not yet checked against measurement):
+The loss moment also counts the final norm's saved tensors: its normalised
+input and, with recomputation, its input (the last layer's output, which no
+layer keeps).
+
+Long-context modes (checked on CPU, fp32, against measured steps and the
+measured longest context at cp = 1, 2, 4; docs/benchmarks.md):
 train.shard=fsdp divides parameters, gradients and AdamW state by dp*cp and adds,
 at every moment, the root's whole parameters (embeddings, final norm: they stay
 gathered from forward to backward), two layers' whole parameters (the running
-one and the prefetched one) and one layer's whole gradient. model.loss_tile
-replaces the V-wide per-token loss tensors by one tile's fp32 logits and
-gradient, the hidden states' gradient (formed in the forward) and the output
-weight's fp32 gradient. model.mlp_tile keeps only the MLP input per token and
-rebuilds one tile's SwiGLU activations in the backward.
+one and the prefetched one) and one layer's whole gradient; in the backward
+also the output layer's whole gradient, which waits for the root's
+reduce-scatter at its end. model.loss_tile replaces the V-wide per-token loss
+tensors by one tile's fp32 logits and gradient, the hidden states' gradient
+(formed in the forward) and the output weight's fp32 gradient. model.mlp_tile
+keeps only the MLP input per token and rebuilds one tile's SwiGLU activations
+in the backward; with recomputation the rebuilt layer stops at the last tile's
+input, and the pre-MLP norm's backward after the tiles can set the peak.
 
 The longest context is the largest seq_len (a multiple of 2*cp, as zigzag
 needs) whose predicted peak fits the budget, found by bisection.
@@ -237,24 +245,35 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
     #    logits and their gradient, the hidden states' gradient (formed in the forward) and the
     #    output weight's fp32 gradient
     loss_tile = getattr(m, "loss_tile", 0)
+    # the final norm (torch's RMSNorm) also keeps its normalised input, and, with recomputation, its
+    # input, the last layer's output, which no layer keeps (measured: 2h per token besides its output)
+    norm = h * s * (1 if recompute == "none" else 2)
     if tp > 1:  # vocabulary-parallel, tiled (one tile of all T tokens without model.loss_tile): the
         # final norm's output, the gathered hidden states, their gradient formed in the forward and
         # its scaled copy handed back in the backward, a tile's V/tp logits
         Vt = -(-V // tp)
         loss = base + h * s / rows + 3 * h * s + (min(loss_tile or T, T) * Vt * (8 + s) + 4 * Vt * h) / T
     elif loss_tile:
-        loss = base + h * s + h * s + (min(loss_tile, T) * V * (8 + s) + 4 * V * h) / T
+        loss = base + norm + h * s + h * s + (min(loss_tile, T) * V * (8 + s) + 4 * V * h) / T
     else:
-        loss = base + 4 * V + h * s + 2 * 4 * V
+        loss = base + norm + 4 * V + h * s + 2 * 4 * V
     # 2. the last layer's MLP backward: its activations (rebuilt, with
     #    recomputation, together with the rebuilt forward's h-wide output) and
     #    three h-wide gradients (residual stream, MLP output, norm input); its
     #    saved tensors are freed as it proceeds
-    mlp = base + redo + (h * s / rows if redo else 0) + 3 * h * s / rows
+    if mlp_tile:
+        # tiled: rebuilding stops at the last tile's input, so one h-wide tensor of the layer's (its
+        # output) is not rebuilt. The larger of two moments: inside the MLP's backward, one tile's
+        # SwiGLU activations rebuilt beside two h-wide gradients (the output's, which is the residual
+        # stream's, and the input's, summed over tiles); right after it, the pre-MLP norm's backward
+        # with three. Measured (fp32, W=1, full recomputation, 9K-18K tokens): the norm's backward is
+        # the step's peak, and the layer rebuilt up to the last tile holds 8h, not 9h, per token
+        rebuilt = redo - (h * s / rows if redo else 0)
+        mlp = base + rebuilt + max(2 * h * s / rows + min(mlp_tile, T) * mlp_whole / T, 3 * h * s / rows)
+    else:
+        mlp = base + redo + (h * s / rows if redo else 0) + 3 * h * s / rows
     if sp:  # one [T, h] tensor of megatron's: a row-parallel linear's all-gathered output gradient, or a
         mlp += h * s  # column-parallel one's input gradient before its reduce-scatter
-    if mlp_tile:  # one tile's SwiGLU activations rebuilt for its backward
-        mlp += min(mlp_tile, T) * mlp_whole / T
     # 3. its core attention backward: the MLP's saved tensors are gone; the
     #    gradients of out, q, k, v and the scheme's backward buffers are live
     attn_grads = (2 * h + 4 * kv * d) * s / tp
@@ -266,8 +285,13 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
         root = (_root_params(m) - h) / tp + h
         layer = (P - root) / L
         gathered = (root + 3 * layer) * s / T
-    phases = {"loss": (loss, gathered), "mlp_backward": (mlp, gathered),
-              "attention_backward": (attn, comm_bwd / T + gathered)}
+        # the output layer's whole gradient, formed in the loss's backward, waits for the root's
+        # reduce-scatter at the end of the backward (measured: about V*h*s more per rank at cp=2 and 4)
+        root_grad = -(-V // tp) * h * s / T
+    else:
+        root_grad = 0.0
+    phases = {"loss": (loss, gathered), "mlp_backward": (mlp, gathered + root_grad),
+              "attention_backward": (attn, comm_bwd / T + gathered + root_grad)}
     phase, (peak, comm) = max(phases.items(), key=lambda kv_: kv_[1][0] + kv_[1][1])
     activations = int(T * base)
     transient = int(T * (peak - base))
