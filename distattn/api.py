@@ -83,12 +83,12 @@ def linear_attention(q, k, v, *, scheme, group=None, cu_seqlens=None, decay=None
     `rule="gated_delta"` (Gated DeltaNet) or `"kda"` (Kimi Delta Attention) runs the delta rule
     instead, S_t = M_t S_{t-1} + beta_t k_t v_t^T, o_t = S_t^T q_t, with `gate` (alpha, [T_local, H]
     for gated_delta, [T_local, H, dk] for kda) and `beta` [T_local, H]; q, k, v share their heads and
-    feature maps and normalisation are the caller's. Schemes "lasp2" and "local".
+    feature maps and normalisation are the caller's. Schemes "lasp2", "lasp1" and "local".
     """
     s = _linear_scheme(scheme)
     if rule != "decay":
-        if not hasattr(s, "linear_attention") or s.name not in ("lasp2", "local"):
-            raise ValueError(f"rule={rule!r} runs on schemes 'lasp2' and 'local', got {s.name!r}")
+        if not hasattr(s, "linear_attention") or s.name not in ("lasp2", "lasp1", "local"):
+            raise ValueError(f"rule={rule!r} runs on schemes 'lasp2', 'lasp1' and 'local', got {s.name!r}")
         return s.linear_attention(q, k, v, group=group, cu_seqlens=cu_seqlens, ledger=ledger,
                                   n_tokens=n_tokens, rule=rule, gate=gate, beta=beta)
     return s.linear_attention(q, k, v, group=group, cu_seqlens=cu_seqlens, decay=decay,

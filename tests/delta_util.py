@@ -21,6 +21,16 @@ def inputs(rule: str, seed: int = 0):
 
 
 def delta_cp_errors(layout: str, rule: str):
+    """LASP-2 (one all-gather of affine maps) on this rank: see `delta_scheme_errors`."""
+    return delta_scheme_errors("lasp2", layout, rule)
+
+
+def delta_ring_errors(rule: str, cu=CU):
+    """LASP-1 (the state hops rank to rank) on this rank, contiguous layout: see `delta_scheme_errors`."""
+    return delta_scheme_errors("lasp1", "contiguous", rule, cu)
+
+
+def delta_scheme_errors(scheme_name: str, layout: str, rule: str, cu=CU):
     """This rank's fp32 CP output and five gradients vs the fp64 sequential recurrence (relative errors),
     and the ledger's bytes sent per phase against the scheme's comm_bytes."""
     import torch.distributed as dist
@@ -31,18 +41,19 @@ def delta_cp_errors(layout: str, rule: str):
     from distattn.schemes.base import AttnShape
     q, k, v, gate, beta, do = inputs(rule)
     full = [x.clone().requires_grad_() for x in (q, k, v, gate, beta)]
-    o_ref, _ = delta_rule_reference(*full, cu_seqlens=CU)
+    o_ref, _ = delta_rule_reference(*full, cu_seqlens=cu)
     refs = [o_ref.detach()] + list(torch.autograd.grad(o_ref, full, do))
-    scheme = distattn.get_scheme("lasp2", layout_name=layout)
+    scheme = distattn.get_scheme(scheme_name, layout_name=layout)
 
     def mine(x):
-        return distattn.shard(x.float(), scheme=scheme, cu_seqlens=CU)
+        return distattn.shard(x.float(), scheme=scheme, cu_seqlens=cu)
     loc = [mine(x).requires_grad_() for x in (q, k, v, gate, beta)]
     ledger = CommLedger()
-    out = distattn.linear_attention(*loc[:3], scheme=scheme, cu_seqlens=CU, rule=rule, gate=loc[3],
+    out = distattn.linear_attention(*loc[:3], scheme=scheme, cu_seqlens=cu, rule=rule, gate=loc[3],
                                     beta=loc[4], ledger=ledger, n_tokens=T)
     got = [out.detach()] + list(torch.autograd.grad(out, loc, mine(do)))
     errs = [float((g - mine(r)).norm() / mine(r).norm()) for g, r in zip(got, refs)]
-    expect = scheme.comm_bytes(AttnShape(T, H, H, DK, 4, tuple(CU)), dist.get_world_size(), rule=rule)
+    expect = scheme.comm_bytes(AttnShape(T, H, H, DK, 4, tuple(cu)), dist.get_world_size(), dist.get_rank(),
+                               rule=rule)
     sent = {tag: {op: s.bytes_sent for op, s in ledger.summary(tag).items()} for tag in ("fwd", "bwd")}
     return errs, sent, {"fwd": expect.fwd, "bwd": expect.bwd}

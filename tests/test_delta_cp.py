@@ -1,8 +1,9 @@
-"""Delta-rule linear attention (GDN, KDA) under context parallelism: one all-gather of affine state maps.
+"""Delta-rule linear attention (GDN, KDA) under context parallelism: one all-gather of affine state maps
+(lasp2) or the state hopping rank to rank (lasp1).
 
 At W = 2 and 4, contiguous and zigzag, three documents, the fp32 CP output and the gradients of q, k, v,
 gate and beta equal the fp64 sequential recurrence within 1e-4 relative error, and every rank's ledger
-equals the scheme's comm_bytes.
+equals the scheme's comm_bytes; the same for the lasp1 ring (contiguous only).
 """
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ from delta_util import CU, H, T, inputs
 def test_delta_cp_equals_the_recurrence(ranks, world, layout, rule):
     from delta_util import delta_cp_errors
     for errs, sent, expect in ranks(world, delta_cp_errors, layout, rule):
+        assert max(errs) < 1e-4, errs
+        assert sent == expect
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("rule", ["gated_delta", "kda"])
+@pytest.mark.parametrize("cu", [CU, [0, 96], [0, 48, 96]], ids=["three_docs", "one_doc", "aligned"])
+def test_delta_ring_equals_the_recurrence(ranks, world, rule, cu):
+    """LASP-1 ring: several runs per rank, one run spanning every rank, documents ending on a rank boundary."""
+    from delta_util import delta_ring_errors
+    for errs, sent, expect in ranks(world, delta_ring_errors, rule, cu):
         assert max(errs) < 1e-4, errs
         assert sent == expect
 
@@ -55,9 +67,9 @@ def test_delta_refusals(kwargs, match):
         distattn.linear_attention(q, k, v, scheme="local", **kwargs)
 
 
-def test_delta_rule_needs_lasp2_or_local():
+def test_delta_rule_needs_a_linear_scheme():
     import distattn
     q = torch.randn(T, H, 8)
-    with pytest.raises(ValueError, match="runs on schemes 'lasp2' and 'local'"):
-        distattn.linear_attention(q, q, q, scheme="lasp1", rule="gated_delta", gate=torch.rand(T, H),
+    with pytest.raises(ValueError, match="'ring' is for softmax attention"):
+        distattn.linear_attention(q, q, q, scheme="ring", rule="gated_delta", gate=torch.rand(T, H),
                                   beta=torch.rand(T, H))

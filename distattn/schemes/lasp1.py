@@ -31,6 +31,8 @@ p2p avoids NCCL's rule that a group's first batched p2p call includes every rank
 Traffic per rank (A = state heads, fp32 states), one d_k x d_v state per hop:
   forward   send  A * dk * dv * 4   on ranks 0 .. W-2
   backward  send  A * dk * dv * 4   on ranks 1 .. W-1
+
+The delta rules (`rule="gated_delta"` / `"kda"`) run the same ring in `schemes.delta_ring`.
 """
 from __future__ import annotations
 
@@ -151,15 +153,25 @@ class Lasp1(LinearScheme):
         check_block(self.block)
 
     def linear_attention(self, q, k, v, *, group=None, cu_seqlens=None, decay=None, feature_map=None,
-                         ledger=None, n_tokens=None):
+                         ledger=None, n_tokens=None, rule: str = "decay", gate=None, beta=None):
+        if rule != "decay":  # the delta rule: the state passes through each rank's kernel on the ring
+            from distattn.schemes.delta import check_delta_inputs
+            from distattn.schemes.delta_ring import delta_ring_attention
+            check_delta_inputs(q, k, v, gate, beta, rule)
+            comm, lay, _, _ = self._prepare(q, k, v, group, ledger, n_tokens, cu_seqlens, None, None)
+            return delta_ring_attention(q, k, v, gate, beta, comm=comm, runs=lay.runs(comm.rank), rule=rule)
         comm, lay, _, fmap = self._prepare(q, k, v, group, ledger, n_tokens, cu_seqlens, decay,
                                            feature_map)
         return lasp1_attention(q, k, v, comm=comm, peer_runs=[lay.runs(r) for r in range(comm.size)],
                                decay=decay, feature_map=fmap, block=self.block)
 
-    def comm_bytes(self, shape: AttnShape, world: int, rank: int = 0, decay=None) -> CommVolume:
-        """Bytes sent per rank; pass the call's `decay` (it decides the state heads A)."""
+    def comm_bytes(self, shape: AttnShape, world: int, rank: int = 0, decay=None,
+                   rule: str = "decay") -> CommVolume:
+        """Bytes sent per rank; pass the call's `decay` (it decides the state heads A) or its delta `rule`."""
         self.validate(heads=shape.heads, kv_heads=shape.kv_heads, world=world)
+        if rule != "decay":
+            from distattn.schemes.delta_ring import delta_ring_comm_bytes
+            return delta_ring_comm_bytes(shape, world, rank)
         state = self.state_heads(shape.heads, shape.kv_heads, decay) * shape.head_dim ** 2 * STATE_BYTES
         first, last = rank == 0, rank == world - 1
         fwd = {**({} if last else {"send": state}), **({} if first else {"recv": 0})}
