@@ -26,7 +26,8 @@ peak        the largest of three moments of the backward, each counted as the
                                   the gradients of out, q, k, v and the
                                   scheme's backward buffers for one layer:
                 ring       two K/V blocks in flight plus the fp32 dK/dV in
-                           flight and at home
+                           flight and at home (with cp > 2 also the
+                           previous hop's send and receive)
                 allgather  the gathered K/V of the whole sequence and its
                            fp32 gradient
                 ulysses    the head-sharded full-sequence q, k, v, out and
@@ -59,6 +60,11 @@ tensors by one tile's fp32 logits and gradient, the hidden states' gradient
 keeps only the MLP input per token and rebuilds one tile's SwiGLU activations
 in the backward; with recomputation the rebuilt layer stops at the last tile's
 input, and the pre-MLP norm's backward after the tiles can set the peak.
+
+Layer kinds: every layer is planned as a softmax layer ('N'). Linear ('L')
+and Gated DeltaNet ('D') layers get its parameters and activations; a 'D'
+layer's own (q/k/v, gate and output-gate projections, the convolution's input
+and output, per-head d x d states) are not modelled.
 
 The longest context is the largest seq_len (a multiple of 2*cp, as zigzag
 needs) whose predicted peak fits the budget, found by bisection.
@@ -156,8 +162,10 @@ def _comm_buffers(scheme: str, cp: int, T: int, m, s: int, tp: int = 1) -> tuple
     if cp == 1 or scheme == "local":
         return 0.0, 0.0
     if scheme in ("ring", "hetero", "cad"):
-        # two K/V blocks in flight; backward adds the fp32 dK/dV in flight and at home
-        return 2 * kv_local * s, 2 * kv_local * s + 2 * kv_local * 4
+        # two K/V blocks in flight; backward adds the fp32 dK/dV in flight and at home, and with more
+        # than two ranks the previous hop's dK/dV send and receive, still held when the next hop is
+        # posted (measured, ring, fp32: cp=2 fits two accumulators, cp=4 four)
+        return 2 * kv_local * s, 2 * kv_local * s + (2 if cp == 2 else 4) * kv_local * 4
     if scheme == "allgather":
         # the gathered K/V of the whole sequence; backward adds its fp32 gradient
         return kv_local * cp * s, kv_local * cp * (s + 4)
