@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from distattn.config import load_config
-from distattn.plan.memory import GIB, longest_context, param_count, predict_memory
+from distattn.plan.memory import GIB, MIB, longest_context, param_count, predict_memory
 
 LLAMA8B = ["model.preset=llama3_8b", "parallel.cp=8", "model.recompute=full"]
 
@@ -57,6 +57,38 @@ def test_planner_matches_the_measured_peak_with_fsdp_and_tiles():
     got = measure(cfg, 16384, 2, "ring", "full", timeout=300)["peak_growth"]
     plan = predict_memory(cfg, 16384, cp=2, scheme="ring", recompute="full")
     assert 0.9 <= (plan.total - plan.params) / got <= 1.1, ((plan.total - plan.params) / got)
+
+
+# fsdp + tiled loss + tiled MLP on the tiny model with a 4096 vocabulary, fp32, full recomputation: the
+# longest context measured under 48 MiB per rank on CPU and the step's measured peak growth there (MiB),
+# per cp (docs/benchmarks.md, "Real model sizes")
+LONG_TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
+             "model.ffn_hidden_size=128", "model.vocab_size=4096", "train.shard=fsdp", "model.loss_tile=128",
+             "model.mlp_tile=256"]
+MEASURED_LONGEST = {1: (10880, 47.63), 2: (19968, 47.53), 4: (37376, 47.87)}
+
+
+def test_planner_matches_the_measured_longest_contexts():
+    """Pure arithmetic against recorded measurements: the planned peak at each measured longest context
+    and the planned longest context itself within 5% at cp = 1, 2 and 4."""
+    cfg = load_config(None, LONG_TINY)
+    for cp, (n, mib) in MEASURED_LONGEST.items():
+        scheme = "ring" if cp > 1 else "local"
+        plan = predict_memory(cfg, n, cp=cp, scheme=scheme, recompute="full")
+        assert abs((plan.total - plan.params) / MIB / mib - 1) <= 0.05, (cp, (plan.total - plan.params) / MIB)
+        params = predict_memory(cfg, 2 * cp, cp=cp, scheme=scheme, recompute="full").params
+        planned = longest_context(cfg, 48 * MIB + params, cp, scheme, "full")
+        assert abs(planned / n - 1) <= 0.05, (cp, planned, n)
+
+
+def test_llama70b_rows():
+    """The planned Llama-3-70B rows of docs/benchmarks.md: fsdp, tiled loss and MLP, full recomputation,
+    80 GiB per device, ring over 32 and 64 devices (without sharding nothing fits)."""
+    on = ["model.preset=llama3_70b", "model.recompute=full"]
+    tiles = on + ["train.shard=fsdp", "model.loss_tile=4096", "model.mlp_tile=4096"]
+    assert longest_context(load_config(None, on + ["parallel.cp=64"]), 80 * GIB, cp=64) == 0
+    assert longest_context(load_config(None, tiles + ["parallel.cp=32"]), 80 * GIB, cp=32) == 1_149_312
+    assert longest_context(load_config(None, tiles + ["parallel.cp=64"]), 80 * GIB, cp=64) == 2_708_480
 
 
 def test_options_table_and_the_cheapest_fit():

@@ -172,7 +172,7 @@ def longest_trainable(cfg, budget_bytes: float, cp: int, scheme: str, recompute:
 
 
 def run_longest(budget_mib: float, worlds: list[int], recomputes: list[str], scheme: str = "ring",
-                overrides: list[str] = (), log=print) -> list[dict]:
+                overrides: list[str] = (), log=print, resolution: float = 0.03) -> list[dict]:
     """Measured vs predicted longest trainable context, per world size and recompute mode."""
     from distattn.config import load_config
     from distattn.plan.memory import longest_context, predict_memory
@@ -184,7 +184,8 @@ def run_longest(budget_mib: float, worlds: list[int], recomputes: list[str], sch
             sch = scheme if w > 1 else "local"
             params = predict_memory(cfg, 2 * w, cp=w, scheme=sch, recompute=rc).params
             predicted = longest_context(cfg, budget + params, w, sch, rc)
-            measured, tried, point = longest_trainable(cfg, budget, w, sch, rc, start=predicted, log=log)
+            measured, tried, point = longest_trainable(cfg, budget, w, sch, rc, start=predicted, log=log,
+                                                       resolution=resolution)
             if point is None:
                 raise RuntimeError(f"cp={w} {sch} recompute={rc}: not even {2 * w * 64} tokens fit "
                                    f"{budget_mib} MiB; raise --budget-mib")
@@ -250,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recompute", default="none,full")
     p.add_argument("--scheme", default="ring")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resolution", type=float, default=0.03,
+                   help="the search stops when the longest fitting and the shortest failing length differ by "
+                        "at most this fraction (finer: more points)")
     p.add_argument("--json", default=None)
     p.add_argument("--compare", action="store_true",
                    help="instead of the search: planner vs measured peak at fixed points "
@@ -261,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_compare(rows))
     else:
         rows = run_longest(a.budget_mib, [int(x) for x in a.worlds.split(",")], a.recompute.split(","),
-                           a.scheme, a.overrides, log=lambda m: print(m, file=sys.stderr, flush=True))
+                           a.scheme, a.overrides, log=lambda m: print(m, file=sys.stderr, flush=True),
+                           resolution=a.resolution)
         print(format_rows(rows, a.budget_mib))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
