@@ -2,7 +2,8 @@
 
 Layer kinds come from a pattern string: 'N' = softmax attention through the
 configured CP scheme, 'L' = linear attention through lasp2/lasp1 (LASP-2H
-hybrids such as 'LLLN'). Megatron builds everything else (embeddings, RMSNorm,
+hybrids such as 'LLLN'), 'D' = Gated DeltaNet (`gated_delta.py`, Qwen3-Next
+hybrids such as 'DDDN'). Megatron builds everything else (embeddings, RMSNorm,
 SwiGLU MLPs, the output layer and the cross-entropy). Megatron's own RoPE and
 attention kernels call CUDA, so the model is built with
 `position_embedding_type="none"` and RoPE is applied inside our attention from
@@ -57,10 +58,14 @@ def transformer_config(model_cfg, tp: int = 1, sequence_parallel: bool = False) 
     )
 
 
-def _layer_spec(core_cls, context: AttentionContext, sequence_parallel: bool = False) -> ModuleSpec:
+def _layer_spec(kind: str, context: AttentionContext, sequence_parallel: bool = False) -> ModuleSpec:
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
-    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
-        module=core_cls, params={"context": context})
+    if kind == "D":  # Gated DeltaNet replaces the whole self-attention; norms and MLP stay megatron's
+        from distattn.model.gated_delta import GatedDeltaNetAttention
+        spec.submodules.self_attention = ModuleSpec(module=GatedDeltaNetAttention, params={"context": context})
+    else:
+        spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+            module=DistAttnLinearCore if kind == "L" else DistAttnCore, params={"context": context})
     if sequence_parallel:  # megatron's torch norm refuses sequence parallelism: ours, the same RMSNorm
         from distattn.model.tensor_parallel import SequenceParallelRMSNorm
         spec.submodules.input_layernorm = SequenceParallelRMSNorm
@@ -109,8 +114,7 @@ def build_gpt(model_cfg, context: AttentionContext, max_sequence_length: int,
         if pg_collection is None:
             pg_collection = megatron_groups(tp_group)
     kinds = model_cfg.layer_kinds()
-    specs = [_layer_spec(DistAttnLinearCore if kind == "L" else DistAttnCore, context, sp)
-             for kind in kinds]
+    specs = [_layer_spec(kind, context, sp) for kind in kinds]
     # the final RMSNorm before the output layer (Llama, Qwen2, Mistral), built like the layers' norms
     block = TransformerBlockSubmodules(layer_specs=specs,
                                        layer_norm=specs[0].submodules.input_layernorm)

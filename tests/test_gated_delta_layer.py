@@ -1,0 +1,71 @@
+"""Layer kind 'D' (Gated DeltaNet): the short convolution's halo exchange is exact under cp (one all-gather
+each way), a DDN model's training steps on packed documents at cp=2 equal cp=1's (also with selective
+recomputation), and tensor parallelism is refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distattn.config import ConfigError, load_config
+from gdn_util import CASES, conv_cp, conv_inputs, conv_reference
+from train_util import one_step
+
+TINY = ["model.num_layers=3", "model.layer_pattern=DDN", "model.hidden_size=64",
+        "model.num_attention_heads=4", "model.num_query_groups=2", "model.ffn_hidden_size=128",
+        "data.seq_len=192", "train.steps=4", "train.tensorboard=false", "train.adam_eps=1e-6",
+        "attention.linear_scheme=lasp2"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_halo_conv_equals_the_single_device_conv(ranks, world, layout):
+    per_rank = ranks(world, conv_cp, layout)
+    for case in range(len(CASES)):
+        dw = sum(r[case]["dw"] for r in per_rank)
+        torch.testing.assert_close(dw, per_rank[0][case]["dw_ref"], rtol=1e-12, atol=1e-12)
+        for r in per_rank:
+            res = r[case]
+            for key in ("out", "dx"):
+                torch.testing.assert_close(*res[key], rtol=1e-12, atol=1e-12)
+            sent = {tag: ops.get("all_gather", (0, 0)) for tag, ops in res["comm"].items()}
+            assert sent == {"fwd": (1, res["expect"]["fwd"]), "bwd": (1, res["expect"]["bwd"])}
+            assert res["expect"]["fwd"] > 0 and set(res["comm"]["fwd"]) == {"all_gather"}
+
+
+def test_halo_conv_without_cp_does_not_communicate():
+    from distattn.comm import Comm, CommLedger
+    from distattn.layout import get_layout
+    from distattn.model.conv_halo import causal_conv_with_halo
+    n, cu = CASES[0]
+    x, w, _ = conv_inputs(n)
+    ledger = CommLedger()
+    out = causal_conv_with_halo(x, w, [get_layout("zigzag", n, 1, cu).runs(0)], 0, Comm(None, ledger))
+    torch.testing.assert_close(out, conv_reference(x, w, cu), rtol=1e-12, atol=1e-12)
+    assert ledger.records == []
+
+
+def short_documents(path) -> list[str]:
+    """A jsonl of 9- to 100-byte documents: every 192-token window packs several (cu_seqlens)."""
+    path.write_text("".join(json.dumps({"text": f"doc {i}: " + "abcdefghij"[:i % 10] * (3 + i * 7 % 11)}) + "\n"
+                            for i in range(200)))
+    return ["data.source=jsonl", f"data.path={path}"]
+
+
+def test_ddn_steps_at_cp2_equal_cp1(ranks, tmp_path):
+    data = short_documents(tmp_path / "docs.jsonl")
+    base = load_config(None, TINY + data + [f"run.output_dir={tmp_path / 'a'}", "parallel.cp=1",
+                                            "attention.scheme=local"])
+    (l1, p1), = [r for r in ranks(1, one_step, base.model_dump(), 2) if r is not None]
+    for extra in (("attention.layout=zigzag",), ("attention.layout=doc_zigzag", "model.recompute=selective")):
+        cp2 = load_config(None, TINY + data + [f"run.output_dir={tmp_path / 'b'}", "parallel.cp=2",
+                                               "attention.scheme=ring", *extra])
+        (l2, p2), = [r for r in ranks(2, one_step, cp2.model_dump(), 2) if r is not None]
+        assert l1 == pytest.approx(l2, rel=1e-5), extra
+        torch.testing.assert_close(p2, p1, atol=1e-5, rtol=0, msg=lambda m: f"{extra}: {m}")
+
+
+def test_gated_delta_layers_refuse_tensor_parallelism():
+    with pytest.raises(ConfigError, match=r"parallel.tp=2 with model.layer_pattern='DDN'.*set parallel.tp=1"):
+        load_config(None, TINY + ["parallel.tp=2"])
