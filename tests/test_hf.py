@@ -139,3 +139,12 @@ def test_bad_inputs_name_the_problem(hf_models, tmp_path):
         forward_logits(path, torch.tensor([1, 500]))
     with pytest.raises(ConfigError, match="neither a converted model"):
         distattn_to_hf(tmp_path, tmp_path / "x")
+
+
+@pytest.mark.parametrize("pattern", ["LN", "DN"])
+def test_linear_and_gated_delta_layers_have_no_hf_equivalent(pattern):
+    from distattn.config import load_config
+    from distattn.hf.config_map import hf_config
+    cfg = load_config(None, ["model.num_layers=2", f"model.layer_pattern={pattern}"])
+    with pytest.raises(ConfigError, match=f"layer_pattern='{pattern}' has linear-attention"):
+        hf_config(cfg.model, "llama")
