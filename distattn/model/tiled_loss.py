@@ -71,7 +71,7 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
                     dh[start:end] = grad @ weight
                 if need_w:
                     dw += (grad.t() @ h).float()
-            del logits
+            del logits, softmax  # the closure holds the tile's logits too
         ctx.w_dtype = weight.dtype
         ctx.save_for_backward(dh if need_h else None, dw if need_w else None)
         return total
