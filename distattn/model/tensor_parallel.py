@@ -11,7 +11,7 @@ With `parallel.sequence_parallel`, the norms and residual adds run on 1/tp of
 the rank's tokens (megatron all-gathers before each column-parallel linear and
 reduce-scatters after each row-parallel one). Megatron refuses its torch norm
 there, so `SequenceParallelRMSNorm` is ours: the same RMSNorm, with its weight
-marked `sequence_parallel` so the trainer sums its gradient over tp.
+marked `sequence_parallel`; the trainer sums the norms' gradients over tp.
 
 `counted_tp_comm` routes megatron's tensor-parallel collectives through
 `ledgered_backend`, so they appear in the step's ledger under tag "tp".
@@ -92,16 +92,6 @@ def sequence_parallel_embedding(embedding) -> None:
         emb = emb.transpose(0, 1).contiguous()
         return scatter_to_sequence_parallel_region(emb, group=embedding.tp_group)
     embedding.forward = forward
-
-
-def is_tp_sharded(param: torch.Tensor) -> bool:
-    """A parameter split over tp (megatron marks them); the rest are the same on every tp rank."""
-    return bool(getattr(param, "tensor_model_parallel", False))
-
-
-def needs_tp_grad_sum(param: torch.Tensor) -> bool:
-    """Replicated parameters that see only this tp rank's tokens (sequence parallelism)."""
-    return bool(getattr(param, "sequence_parallel", False))
 
 
 # megatron modules that call torch.distributed and torch.cuda for tensor parallelism
@@ -239,5 +229,5 @@ def tp_step_bytes(num_layers: int, tokens: int, hidden: int, elem: int, tp: int,
     return {"ops": ops, "bytes": ops * 2 * (tp - 1) * act // tp}
 
 
-__all__ = ["SequenceParallelRMSNorm", "counted_tp_comm", "install_megatron_tp", "is_tp_sharded",
-           "megatron_groups", "needs_tp_grad_sum", "sequence_parallel_embedding", "tp_step_bytes"]
+__all__ = ["SequenceParallelRMSNorm", "counted_tp_comm", "install_megatron_tp",
+           "megatron_groups", "sequence_parallel_embedding", "tp_step_bytes"]
