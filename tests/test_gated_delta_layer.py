@@ -1,6 +1,6 @@
-"""Layer kind 'D' (Gated DeltaNet): the short convolution's halo exchange is exact under cp (one all-gather
-each way), a DDN model's training steps on packed documents at cp=2 equal cp=1's (also with selective
-recomputation), and tensor parallelism is refused."""
+"""Layer kinds 'D' (Gated DeltaNet) and 'K' (Kimi Delta Attention): the short convolution's halo exchange
+is exact under cp (one all-gather each way), a DKN model's training steps on packed documents at cp=2 equal
+cp=1's (also with selective recomputation), and tensor parallelism is refused."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from distattn.config import ConfigError, load_config
 from gdn_util import CASES, conv_cp, conv_inputs, conv_reference
 from train_util import one_step
 
-TINY = ["model.num_layers=3", "model.layer_pattern=DDN", "model.hidden_size=64",
+TINY = ["model.num_layers=3", "model.layer_pattern=DKN", "model.hidden_size=64",
         "model.num_attention_heads=4", "model.num_query_groups=2", "model.ffn_hidden_size=128",
         "data.seq_len=192", "train.steps=4", "train.tensorboard=false", "train.adam_eps=1e-6",
         "attention.linear_scheme=lasp2"]
@@ -53,7 +53,7 @@ def short_documents(path) -> list[str]:
     return ["data.source=jsonl", f"data.path={path}"]
 
 
-def test_ddn_steps_at_cp2_equal_cp1(ranks, tmp_path):
+def test_dkn_steps_at_cp2_equal_cp1(ranks, tmp_path):
     data = short_documents(tmp_path / "docs.jsonl")
     base = load_config(None, TINY + data + [f"run.output_dir={tmp_path / 'a'}", "parallel.cp=1",
                                             "attention.scheme=local"])
@@ -66,6 +66,24 @@ def test_ddn_steps_at_cp2_equal_cp1(ranks, tmp_path):
         torch.testing.assert_close(p2, p1, atol=1e-5, rtol=0, msg=lambda m: f"{extra}: {m}")
 
 
-def test_gated_delta_layers_refuse_tensor_parallelism():
-    with pytest.raises(ConfigError, match=r"parallel.tp=2 with model.layer_pattern='DDN'.*set parallel.tp=1"):
+def test_delta_rule_layers_refuse_tensor_parallelism():
+    with pytest.raises(ConfigError, match=r"parallel.tp=2 with model.layer_pattern='DKN'.*set parallel.tp=1"):
         load_config(None, TINY + ["parallel.tp=2"])
+
+
+def test_kimi_delta_layer_gates_every_key_channel():
+    """'K' differs from 'D' only in its gates: a decay per key channel and a low-rank sigmoid output gate."""
+    from distattn.model.gated_delta import GatedDeltaNetAttention
+    from distattn.model.gpt import transformer_config
+    from distattn.model.kimi_delta import KimiDeltaAttention
+    cfg = transformer_config(load_config(None, TINY).model)
+    h, H, d = 64, 4, 16
+    kda, gdn = (cls(cfg, context=None) for cls in (KimiDeltaAttention, GatedDeltaNetAttention))
+    assert kda.core_attention.rule == "kda" and gdn.core_attention.rule == "gated_delta"
+    x = torch.randn(7, h)
+    assert kda._gate_input(x).shape == (7, H * d) and gdn._gate_input(x).shape == (7, H)
+    assert kda.dt_bias.shape == (H * d,) and gdn.dt_bias.shape == (H,)
+    own = {n for n, _ in kda.named_parameters()} - {n for n, _ in gdn.named_parameters()}
+    assert own == {"linear_f1.weight", "linear_f2.weight", "linear_g1.weight", "linear_g2.weight"}
+    gate = kda._output_gate(x)
+    assert gate.shape == (7, H * d) and bool(((gate > 0) & (gate < 1)).all())

@@ -70,10 +70,10 @@ def tp_problems(cfg: "Config") -> list[str]:
     if tp == 1:
         return []
     problems: list[str] = []
-    if "D" in m.layer_kinds():
-        problems.append(f"parallel.tp={tp} with model.layer_pattern={m.layer_pattern!r}: Gated DeltaNet "
-                        f"layers ('D') run without tensor parallelism; set parallel.tp=1 or use only 'N' "
-                        f"and 'L' layers")
+    if set(m.layer_kinds()) & set("DK"):
+        problems.append(f"parallel.tp={tp} with model.layer_pattern={m.layer_pattern!r}: delta-rule layers "
+                        f"('D' Gated DeltaNet, 'K' Kimi Delta Attention) run without tensor parallelism; "
+                        f"set parallel.tp=1 or use only 'N' and 'L' layers")
     heads, groups = m.num_attention_heads, m.num_query_groups
     if heads % tp or groups % tp:
         fits = [d for d in divisors(groups) if heads % d == 0]

@@ -21,7 +21,7 @@ LAYOUTS = ("zigzag", "contiguous", "doc_zigzag", "weighted")
 LINEAR_SCHEMES = ("lasp2", "lasp1", "local")
 BENCH_PEERS = ("ring-unbalanced", "deepspeed-ulysses")
 DATA_SOURCES = ("stdlib", "text_dir", "jsonl", "megatron", "synthetic")
-LAYER_KINDS = "NLD"  # N: softmax attention layer, L: linear attention layer, D: Gated DeltaNet layer
+LAYER_KINDS = "NLDK"  # N: softmax attention, L: linear attention, D: Gated DeltaNet, K: Kimi Delta Attention
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ENGINES = ("actors", "ray_train")
 
@@ -195,8 +195,8 @@ class ModelConfig(_Section):
             bad = sorted(set(pattern) - set(LAYER_KINDS))
             if bad:
                 problems.append(f"layer_pattern={pattern!r} has {', '.join(map(repr, bad))}; use only "
-                                f"'N' (softmax layer), 'L' (linear-attention layer) and 'D' (Gated "
-                                f"DeltaNet layer), e.g. "
+                                f"'N' (softmax layer), 'L' (linear-attention layer), 'D' (Gated "
+                                f"DeltaNet layer) and 'K' (Kimi Delta Attention layer), e.g. "
                                 f"model.layer_pattern={'N' * self.num_layers}")
             elif len(pattern) != self.num_layers:
                 problems.append(f"layer_pattern={pattern!r} has {len(pattern)} layers but "

@@ -107,9 +107,9 @@ def hf_config(model_cfg, fam: str, extra: dict[str, Any] | None = None) -> dict[
         raise ConfigError(f"model.qkv_bias=true has no {fam} equivalent; convert it as qwen2")
     if fam == "qwen2" and not model_cfg.qkv_bias:
         raise ConfigError("model.qkv_bias=false: Qwen2 always has q/k/v biases; convert it as llama")
-    if set(model_cfg.layer_kinds()) & {"L", "D"}:
-        raise ConfigError(f"model.layer_pattern={model_cfg.layer_pattern!r} has linear-attention (L) or "
-                          f"Gated DeltaNet (D) layers, which {fam} does not have")
+    if set(model_cfg.layer_kinds()) & {"L", "D", "K"}:
+        raise ConfigError(f"model.layer_pattern={model_cfg.layer_pattern!r} has linear-attention (L), "
+                          f"Gated DeltaNet (D) or Kimi Delta Attention (K) layers, which {fam} does not have")
     rs = model_cfg.rope_scaling
     rope: dict[str, Any] = {"rope_type": "default" if rs.type == "none" else rs.type,
                             "rope_theta": model_cfg.rope_base}

@@ -12,7 +12,9 @@ megatron's): from the normed hidden states x [s, 1, h] of this rank's tokens,
 with H = num_attention_heads heads of d = h / H for q, k and v. Context parallelism is exact:
 the convolution reads the 3 tokens before each of this rank's runs through one halo all-gather
 (`distattn.model.conv_halo`), the delta rule exchanges affine state maps (`schemes/delta.py`).
-No tensor parallelism: the config refuses parallel.tp > 1 with a 'D' layer.
+No tensor parallelism: the config refuses parallel.tp > 1 with a 'D' layer. Kimi Delta
+Attention (kind 'K', `kimi_delta.py`) is this layer with other gates, through the hooks
+`_build_gates`, `_gate_input` and `_output_gate`.
 """
 from __future__ import annotations
 
@@ -32,20 +34,25 @@ MIN_LOG_GATE = -60.0  # the kernel takes log(alpha): keep alpha a normal fp32 nu
 class GatedDeltaCore(MegatronModule):
     """The delta rule itself, called like megatron's core attention (query, key, value).
 
-    `value` carries alpha and beta as its last two channels, so selective recomputation,
-    which replays core attention from its three inputs, keeps their gradients.
+    `value` carries the gate alpha (1 channel for `rule="gated_delta"`, d_k for `"kda"`) and beta as
+    its last channels, so selective recomputation, which replays core attention from its three
+    inputs, keeps their gradients.
     """
 
-    def __init__(self, config, *, context: AttentionContext):
+    def __init__(self, config, *, context: AttentionContext, rule: str = "gated_delta"):
         super().__init__(config=config)
         self.context = context
+        self.rule = rule
 
     def forward(self, query, key, value, attention_mask=None, **kwargs):
         import distattn
         ctx = self.context
-        v, alpha, beta = value[..., :-2], value[..., -2], value[..., -1]
+        width = 1 if self.rule == "gated_delta" else query.shape[-1]  # channels of alpha
+        v, alpha, beta = value[..., :-width - 1], value[..., -width - 1:-1], value[..., -1]
+        if self.rule == "gated_delta":
+            alpha = alpha[..., 0]
         return distattn.linear_attention(query, key, v.contiguous(), scheme=ctx.linear_scheme,
-                                         group=ctx.group, cu_seqlens=ctx.cu_seqlens, rule="gated_delta",
+                                         group=ctx.group, cu_seqlens=ctx.cu_seqlens, rule=self.rule,
                                          gate=alpha.contiguous(), beta=beta.contiguous(), ledger=ctx.ledger,
                                          n_tokens=ctx.n_tokens)
 
@@ -60,37 +67,55 @@ class GatedDeltaNetAttention(MegatronModule):
         self.layer_number = layer_number
         tp = getattr(getattr(pg_collection, "tp", None), "size", lambda: 1)()
         if tp > 1:
-            raise ValueError(f"Gated DeltaNet layers ('D') run without tensor parallelism, got tp={tp}; "
+            raise ValueError(f"delta-rule layers ('D', 'K') run without tensor parallelism, got tp={tp}; "
                              f"set parallel.tp=1")
         h, H = config.hidden_size, config.num_attention_heads
         if h % H:
             raise ValueError(f"hidden_size={h} must be divisible by num_attention_heads={H}")
         self.heads, self.head_dim = H, h // H
         hd, dt = H * self.head_dim, config.params_dtype
-
-        def lin(i, o):
-            return torch.nn.Linear(i, o, bias=False, dtype=dt)
-        self.linear_q, self.linear_k, self.linear_v = lin(h, hd), lin(h, hd), lin(h, hd)
-        self.linear_a, self.linear_b, self.linear_g = lin(h, H), lin(h, H), lin(h, hd)
-        self.linear_o = lin(hd, h)
+        self.linear_q, self.linear_k, self.linear_v = (self._linear(h, hd) for _ in range(3))
+        self.linear_b, self.linear_o = self._linear(h, H), self._linear(hd, h)
         self.conv_weight = torch.nn.Parameter(torch.empty(3 * hd, KERNEL, dtype=dt))
         self.A_log = torch.nn.Parameter(torch.empty(H, dtype=dt))
-        self.dt_bias = torch.nn.Parameter(torch.zeros(H, dtype=dt))
         self.norm_weight = torch.nn.Parameter(torch.ones(self.head_dim, dtype=dt))
-        self.core_attention = GatedDeltaCore(config, context=context)
+        self._build_gates(h, H, self.head_dim)
+        self.core_attention = GatedDeltaCore(config, context=context, rule=self.rule)
         self.reset_parameters()
+
+    rule = "gated_delta"
+
+    def _linear(self, i: int, o: int) -> torch.nn.Linear:
+        return torch.nn.Linear(i, o, bias=False, dtype=self.config.params_dtype)
+
+    def _build_gates(self, h: int, H: int, d: int) -> None:
+        """Gated DeltaNet: one decay per head and token (W_a), a full-rank output gate (W_g)."""
+        self.linear_a, self.linear_g = self._linear(h, H), self._linear(h, H * d)
+        self.dt_bias = torch.nn.Parameter(torch.zeros(H, dtype=self.config.params_dtype))
+
+    def _gate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-activation of the decay: [T, H] (a scalar per head)."""
+        return self.linear_a(x)
+
+    def _output_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(W_g x), [T, H * d]."""
+        return F.silu(self.linear_g(x))
+
+    def _gate_projections(self) -> list[torch.nn.Linear]:
+        return [self.linear_a, self.linear_g]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Megatron's normal(0, init_method_std) for the projections; A_log = log U(1, 16) as in Mamba2."""
         std = self.config.init_method_std
-        for lin in (self.linear_q, self.linear_k, self.linear_v, self.linear_a, self.linear_b, self.linear_g):
+        for lin in (self.linear_q, self.linear_k, self.linear_v, self.linear_b, *self._gate_projections()):
             torch.nn.init.normal_(lin.weight, mean=0.0, std=std)
         # the output projection feeds the residual stream: megatron's std / sqrt(2 * num_layers)
         torch.nn.init.normal_(self.linear_o.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_layers))
         # a 4-tap depthwise kernel: fan-in 4, torch's conv default bound
         torch.nn.init.uniform_(self.conv_weight, -1.0 / math.sqrt(KERNEL), 1.0 / math.sqrt(KERNEL))
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1.0, 16.0).log())
+        # (one dt_bias per head for Gated DeltaNet, per head and channel for KDA)
         # dt = softplus(dt_bias) log-uniform in [1e-3, 0.1] (Mamba2, Gated DeltaNet): per-token decays
         # exp(-A dt) from ~0.2 to ~1, so every head keeps some memory and its gate gets a gradient
         dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp(min=1e-4)
@@ -101,7 +126,7 @@ class GatedDeltaNetAttention(MegatronModule):
         """The short convolution over this rank's tokens, exact across the cp group."""
         ctx = self.context
         if ctx.linear_scheme is None:
-            raise ValueError("Gated DeltaNet layers ('D') need AttentionContext.linear_scheme (lasp2, lasp1, "
+            raise ValueError("delta-rule layers ('D', 'K') need AttentionContext.linear_scheme (lasp2, lasp1, "
                              "or local without context parallelism)")
         comm = Comm(ctx.group, ctx.ledger)
         n = ctx.n_tokens if ctx.n_tokens is not None else qkv.shape[0] * comm.size
@@ -119,15 +144,16 @@ class GatedDeltaNetAttention(MegatronModule):
         q, k, v = F.silu(self._conv(qkv)).view(T, 3, H, d).unbind(1)
         q = F.normalize(q, dim=-1, eps=1e-6) * d ** -0.5
         k = F.normalize(k, dim=-1, eps=1e-6)
-        log_alpha = -self.A_log.float().exp() * F.softplus(self.linear_a(x).float() + self.dt_bias.float())
+        pre = (self._gate_input(x).float() + self.dt_bias.float()).view(T, H, -1)  # [T, H, 1 or d]
+        log_alpha = -self.A_log.float().exp().view(H, 1) * F.softplus(pre)
         alpha = log_alpha.clamp(min=MIN_LOG_GATE).exp()
         beta = torch.sigmoid(self.linear_b(x).float())
         # fp32 like the kernel's internals: a bf16 gate near 1 would round to exactly 1
-        value = torch.cat([v.float(), alpha.unsqueeze(-1), beta.unsqueeze(-1)], dim=-1)
+        value = torch.cat([v.float(), alpha, beta.unsqueeze(-1)], dim=-1)
         o = self.core_attention(q.contiguous(), k.contiguous(), value, None)
         of = o.float()
         o = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + 1e-6)).to(o.dtype) * self.norm_weight
-        o = o * F.silu(self.linear_g(x)).view(T, H, d)
+        o = o * self._output_gate(x).view(T, H, d)
         return self.linear_o(o.reshape(T, H * d)).unsqueeze(1), None
 
 

@@ -3,7 +3,8 @@
 Layer kinds come from a pattern string: 'N' = softmax attention through the
 configured CP scheme, 'L' = linear attention through lasp2/lasp1 (LASP-2H
 hybrids such as 'LLLN'), 'D' = Gated DeltaNet (`gated_delta.py`, Qwen3-Next
-hybrids such as 'DDDN'). Megatron builds everything else (embeddings, RMSNorm,
+hybrids such as 'DDDN'), 'K' = Kimi Delta Attention (`kimi_delta.py`, Kimi Linear
+hybrids such as 'KKKN'). Megatron builds everything else (embeddings, RMSNorm,
 SwiGLU MLPs, the output layer and the cross-entropy). Megatron's own RoPE and
 attention kernels call CUDA, so the model is built with
 `position_embedding_type="none"` and RoPE is applied inside our attention from
@@ -60,9 +61,11 @@ def transformer_config(model_cfg, tp: int = 1, sequence_parallel: bool = False) 
 
 def _layer_spec(kind: str, context: AttentionContext, sequence_parallel: bool = False) -> ModuleSpec:
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
-    if kind == "D":  # Gated DeltaNet replaces the whole self-attention; norms and MLP stay megatron's
+    if kind in "DK":  # the delta rule replaces the whole self-attention; norms and MLP stay megatron's
         from distattn.model.gated_delta import GatedDeltaNetAttention
-        spec.submodules.self_attention = ModuleSpec(module=GatedDeltaNetAttention, params={"context": context})
+        from distattn.model.kimi_delta import KimiDeltaAttention
+        mixer = GatedDeltaNetAttention if kind == "D" else KimiDeltaAttention
+        spec.submodules.self_attention = ModuleSpec(module=mixer, params={"context": context})
     else:
         spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
             module=DistAttnLinearCore if kind == "L" else DistAttnCore, params={"context": context})
