@@ -105,7 +105,8 @@ def _run_inputs(tensors, sl: slice, grad: bool):
 class _DeltaCP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gate, beta, comm: Comm, plan: DeltaPlan, chunk: int):
-        from distattn.kernels.delta import chunk_affine_map, chunk_delta_rule
+        from distattn.kernels.delta import chunk_affine_map
+        from distattn.kernels.delta_backends import delta_rule
         h, dk, dv = q.shape[1], q.shape[2], v.shape[2]
         with comm.ledger.tag("fwd"), torch.no_grad():
             maps = None
@@ -121,14 +122,15 @@ class _DeltaCP(torch.autograd.Function):
             for i, run in enumerate(plan.runs):
                 sl = _sl(run)
                 xs = _run_inputs((q, k, v, gate, beta), sl, False)
-                out[sl] = chunk_delta_rule(*xs, initial_state=prefix[i], chunk_size=chunk).to(q.dtype)
+                out[sl] = delta_rule(*xs, initial_state=prefix[i], chunk_size=chunk).to(q.dtype)
         ctx.save_for_backward(q, k, v, gate, beta)
         ctx.comm, ctx.plan, ctx.chunk, ctx.maps, ctx.prefix = comm, plan, chunk, maps, prefix
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        from distattn.kernels.delta import chunk_affine_map, chunk_delta_rule
+        from distattn.kernels.delta import chunk_affine_map
+        from distattn.kernels.delta_backends import delta_rule
         q, k, v, gate, beta = ctx.saved_tensors
         comm, plan, maps, prefix = ctx.comm, ctx.plan, ctx.maps, ctx.prefix
         dk = q.shape[2]
@@ -140,7 +142,7 @@ class _DeltaCP(torch.autograd.Function):
                 xs = _run_inputs((q, k, v, gate, beta), sl, True)
                 p = prefix[i].detach().requires_grad_() if prefix[i] is not None else None
                 with torch.enable_grad():
-                    o = chunk_delta_rule(*xs, initial_state=p, chunk_size=ctx.chunk)
+                    o = delta_rule(*xs, initial_state=p, chunk_size=ctx.chunk)
                     got = torch.autograd.grad(o, xs + ([p] if p is not None else []), dout[sl].to(F32))
                 for g, d in zip(grads, got[:5]):
                     g[sl] += d

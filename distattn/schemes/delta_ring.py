@@ -51,19 +51,19 @@ def _run_inputs(tensors, sl: slice, grad: bool):
 
 def _run_forward(xs, sl, init, chunk, want_final):
     """One run's output (and the state it leaves when `want_final`)."""
-    from distattn.kernels.delta import chunk_delta_rule
-    res = chunk_delta_rule(*_run_inputs(xs, sl, False), initial_state=init, chunk_size=chunk,
+    from distattn.kernels.delta_backends import delta_rule
+    res = delta_rule(*_run_inputs(xs, sl, False), initial_state=init, chunk_size=chunk,
                            output_final_state=want_final)
     return res if want_final else (res, None)
 
 
 def _run_backward(xs, sl, init, dout, dfinal, chunk):
     """One run's five input gradients and d(initial state), recomputing its kernel."""
-    from distattn.kernels.delta import chunk_delta_rule
+    from distattn.kernels.delta_backends import delta_rule
     ins = _run_inputs(xs, sl, True)
     p = init.detach().requires_grad_() if init is not None else None
     with torch.enable_grad():
-        res = chunk_delta_rule(*ins, initial_state=p, chunk_size=chunk,
+        res = delta_rule(*ins, initial_state=p, chunk_size=chunk,
                                output_final_state=dfinal is not None)
         outs, gouts = ((res[0], res[1]), (dout, dfinal)) if dfinal is not None else ((res,), (dout,))
         got = torch.autograd.grad(outs, ins + ([p] if p is not None else []), gouts)

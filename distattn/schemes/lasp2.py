@@ -339,11 +339,11 @@ class LinearLocal(LinearScheme):
                          ledger=None, n_tokens=None, rule: str = "decay", gate=None, beta=None):
         _, world = group_rank_size(group)
         if rule != "decay":
-            from distattn.kernels.delta import chunk_delta_rule
+            from distattn.kernels.delta_backends import delta_rule
             from distattn.schemes.delta import check_delta_inputs
             check_delta_inputs(q, k, v, gate, beta, rule)
             self.validate(heads=q.shape[1], kv_heads=k.shape[1], world=world)
-            return chunk_delta_rule(q, k, v, gate, beta, cu_seqlens=cu_seqlens)
+            return delta_rule(q, k, v, gate, beta, cu_seqlens=cu_seqlens)
         check_linear_shapes(q, k, v)
         self.validate(heads=q.shape[1], kv_heads=k.shape[1], world=world)
         return linear_attention_local(q, k, v, cu_seqlens=cu_seqlens, decay=decay,
