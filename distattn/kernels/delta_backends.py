@@ -33,9 +33,12 @@ def _fla_ops():
     """fla's two entry points, or None when flash-linear-attention is not installed."""
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-        from fla.ops.kda import chunk_kda
     except Exception:  # not installed, or no Triton/CUDA to import it with
         return None
+    try:
+        from fla.ops.kda import chunk_kda
+    except Exception:  # an fla release from before Kimi Delta Attention: ours runs KDA
+        chunk_kda = None
     return {"gated_delta": chunk_gated_delta_rule, "kda": chunk_kda}
 
 
@@ -79,14 +82,15 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, beta: Tensor, cu_s
     final state is the last document's, as in `chunk_delta_rule`.
     """
     from distattn.layout import as_cu_seqlens
-    if select_delta_kernel(q.device, kernel) == "torch":
+    rule = "gated_delta" if gate.dim() == 2 else "kda"
+    if select_delta_kernel(q.device, kernel) == "torch" or _fla_ops()[rule] is None:
         from distattn.kernels.delta import chunk_delta_rule
         return chunk_delta_rule(q, k, v, gate, beta, cu_seqlens=cu_seqlens, initial_state=initial_state,
                                 chunk_size=chunk_size, output_final_state=output_final_state)
     from distattn.kernels.delta import _check
     _check(q, k, v, gate, beta, initial_state)
     cu = list(as_cu_seqlens(cu_seqlens, q.shape[0]))
-    fn = _fla_ops()["gated_delta" if gate.dim() == 2 else "kda"]
+    fn = _fla_ops()[rule]
     f32 = torch.promote_types(gate.dtype, torch.float32)  # the gate and states at least fp32
     h0 = None
     if initial_state is not None:  # fla wants one state per document; ours enters the first
