@@ -58,6 +58,8 @@ CASES = [
     ("linear-decay", ["bench", "linear", "--decay", "2"], ["--decay", "'2'", "(0, 1]"]),
     ("linear-scheme", ["bench", "linear", "--schemes", "ring,x"], ["--schemes", "'x'", "lasp2"]),
     ("linear-block", ["bench", "linear", "--block", "0"], ["--block", "'0'"]),
+    ("linear-rule-decay", ["bench", "linear", "--rule", "gated_delta", "--decay", "0.9"],
+     ["rule=gated_delta", "decay=0.9"]),
     ("hetero-lengths", ["bench", "hetero", "--lengths", "-4"], ["--lengths", "'-4'"]),
     ("attention-bad-set", ["bench", "attention", S, "bench.world_size=0"], ["bench.world_size", "0"]),
     # simulate

@@ -300,6 +300,22 @@ def test_bench_smoke(ranks, capsys):
     assert "lasp2" in capsys.readouterr().out
 
 
+def test_bench_delta_rule_bytes_are_the_schemes(ranks):
+    from distattn.bench.linear import LinearBenchSpec, run_linear_bench
+    from distattn.schemes import get_scheme
+    from distattn.schemes.base import AttnShape
+
+    spec = LinearBenchSpec(lengths=[96, 192], worlds=[2], heads=2, kv_heads=2, head_dim=8, iters=1, warmup=0,
+                           rule="kda", schemes=["lasp2", "lasp1"])
+    rows = run_linear_bench(spec, pools={2: ranks.pool(2)})
+    for r in rows:
+        want = [get_scheme(r.scheme).comm_bytes(AttnShape(r.n_tokens, 2, 2, 8), 2, rank, rule="kda").total
+                for rank in range(2)]
+        assert r.bytes_per_rank == max(want) > 0, r
+    with pytest.raises(ValueError, match=r"rule=kda shares q, k and v heads: set kv_heads equal to heads \(4\)"):
+        LinearBenchSpec(heads=4, kv_heads=2, rule="kda")
+
+
 def test_lasp2_rank_with_no_tokens(ranks):
     # documents shorter than 2W leave ranks 2 and 3 empty under doc_zigzag
     check(ranks, Lasp2("doc_zigzag", BLOCK), 4, [0, 2, 4, 6, 9], 0.9, None, n=9)

@@ -64,7 +64,7 @@ def cmd_bench_linear(args) -> int:
     try:
         spec = LinearBenchSpec(lengths=args.lengths, worlds=args.worlds, heads=b.heads,
                                kv_heads=b.kv_heads, head_dim=b.head_dim, dtype=b.dtype,
-                               schemes=args.schemes, decay=args.decay,
+                               schemes=args.schemes, decay=args.decay, rule=args.rule,
                                block=args.block, iters=b.iters, warmup=b.warmup,
                                softmax_max_len=args.softmax_max_len or None)
     except ValueError as e:
@@ -145,6 +145,9 @@ def add_parser(sub) -> None:
                     metavar="S1,S2,...", help=f"comma-separated schemes among {', '.join(LINEAR_BENCH_SCHEMES)}")
     bl.add_argument("--decay", type=decay, default=None,
                     help="per-head decay lambda in (0, 1] (default: none, plain linear attention)")
+    bl.add_argument("--rule", choices=("decay", "gated_delta", "kda"), default="decay",
+                    help="what lasp2/lasp1 run: (decayed) linear attention, or the delta rule with Gated "
+                         "DeltaNet's scalar gate or KDA's per-channel gate (needs kv_heads = heads)")
     bl.add_argument("--block", type=positive_int, default=64, help="linear kernel block size (tokens)")
     bl.add_argument("--softmax-max-len", type=nonneg_int, default=16384,
                     help="skip softmax schemes above this length (0: never skip)")

@@ -1,5 +1,9 @@
 """Linear attention across a CP group (LASP-2 vs LASP-1) next to softmax attention (ring, allgather).
 
+`rule` picks what the linear schemes run: (decayed) linear attention, or the delta rule (Gated
+DeltaNet's scalar gate or KDA's per-channel gate), where lasp2 all-gathers each rank's affine
+state map and lasp1 passes the state rank to rank.
+
 Every scheme runs forward + backward on the same inputs, on local gloo ranks with
 one thread each, for every (world size, sequence length) pair. Per scheme and
 rank it measures the main thread's CPU time, the wall time of the step (from a
@@ -24,6 +28,7 @@ from distattn.bench.timing import random_qkvdo, timed_steps
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LINEAR_SCHEMES = ("lasp2", "lasp1")
 SOFTMAX_SCHEMES = ("ring", "allgather")
+RULES = ("decay", "gated_delta", "kda")
 
 
 @dataclass
@@ -38,6 +43,7 @@ class LinearBenchSpec:
     dtype: str = "fp32"
     schemes: list[str] = field(default_factory=lambda: ["lasp2", "lasp1", "ring", "allgather"])
     decay: float | None = None
+    rule: str = "decay"  # decay: (decayed) linear attention; gated_delta / kda: the delta rule
     block: int = 64
     iters: int = 3
     warmup: int = 1
@@ -56,6 +62,13 @@ class LinearBenchSpec:
             raise ValueError(f"bench linear worlds must be positive, got {self.worlds}")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.rule not in RULES:
+            raise ValueError(f"bench linear rule must be one of {RULES}, got {self.rule!r}")
+        if self.rule != "decay" and self.kv_heads != self.heads:
+            raise ValueError(f"rule={self.rule} shares q, k and v heads: set kv_heads equal to heads "
+                             f"({self.heads}), got {self.kv_heads}")
+        if self.rule != "decay" and self.decay is not None:
+            raise ValueError(f"rule={self.rule} takes its decay from the gate; drop decay={self.decay}")
 
     def runs(self, name: str, n: int) -> bool:
         return not (name in SOFTMAX_SCHEMES and self.softmax_max_len is not None
@@ -77,6 +90,18 @@ def _inputs(spec: LinearBenchSpec, n: int, seed: int = 0):
     return random_qkvdo(n, spec.heads, spec.kv_heads, spec.head_dim, DTYPES[spec.dtype], seed)
 
 
+def _delta_inputs(spec: LinearBenchSpec, n: int, q, k, seed: int = 1):
+    """What a delta-rule layer feeds its kernel: L2-normalised q (scaled) and k, gates in (0.9, 1),
+    beta in (0, 1); fp32 gates like the layers'."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, spec.heads, *((spec.head_dim,) if spec.rule == "kda" else ()))
+    gate = 0.9 + 0.1 * torch.rand(shape, generator=g)
+    beta = torch.rand(n, spec.heads, generator=g)
+    q = (F.normalize(q.float(), dim=-1) * spec.head_dim ** -0.5).to(q.dtype)
+    return q, F.normalize(k.float(), dim=-1).to(k.dtype), gate, beta
+
+
 def _scheme(name: str, spec: LinearBenchSpec):
     import distattn
     if name in LINEAR_SCHEMES:
@@ -94,13 +119,22 @@ def _rank_bench(spec: LinearBenchSpec, name: str, n: int) -> dict:
     group = dist.group.WORLD
     scheme = _scheme(name, spec)
     q, k, v, do = _inputs(spec, n)
-    ql, kl, vl, dl = (distattn.shard(x, scheme=scheme, group=group) for x in (q, k, v, do))
     ledger = CommLedger()
     linear = name in LINEAR_SCHEMES
+    delta = linear and spec.rule != "decay"
+    gl = bl = None
+    if delta:
+        q, k, gate, beta = _delta_inputs(spec, n, q, k)
+        gl, bl = (distattn.shard(x, scheme=scheme, group=group) for x in (gate, beta))
+    ql, kl, vl, dl = (distattn.shard(x, scheme=scheme, group=group) for x in (q, k, v, do))
 
     def step():
         a, b, c = (x.detach().requires_grad_(True) for x in (ql, kl, vl))
-        if linear:
+        if delta:
+            ga, be = (x.detach().requires_grad_(True) for x in (gl, bl))
+            out = distattn.linear_attention(a, b, c, scheme=scheme, group=group, rule=spec.rule, gate=ga,
+                                            beta=be, ledger=ledger, n_tokens=n)
+        elif linear:
             out = distattn.linear_attention(a, b, c, scheme=scheme, group=group, decay=spec.decay,
                                             ledger=ledger, n_tokens=n)
         else:
@@ -153,7 +187,7 @@ def _fmt_bytes(b: int) -> str:
 def format_table(rows: list[LinearRow], spec: LinearBenchSpec) -> str:
     """One table (all rows) and a summary: lasp2 vs lasp1, and growth with N per scheme."""
     head = (f"linear vs softmax attention fwd+bwd  heads={spec.heads}/{spec.kv_heads} d={spec.head_dim} "
-            f"{spec.dtype} decay={spec.decay} block={spec.block} iters={spec.iters} "
+            f"{spec.dtype} rule={spec.rule} decay={spec.decay} block={spec.block} iters={spec.iters} "
             f"(one thread per rank; max over ranks)\n")
     cols = ["W", "N", "scheme", "cpu ms", "wall ms", "MB/rank", "exposed ms"]
     lines = [cols]
