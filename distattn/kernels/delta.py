@@ -58,7 +58,7 @@ from torch import Tensor
 
 from distattn.layout import as_cu_seqlens
 
-__all__ = ["delta_rule_reference", "chunk_delta_rule", "chunk_affine_map"]
+__all__ = ["delta_rule_reference", "chunk_delta_rule", "chunk_affine_map", "ChunkFactors"]
 
 _PAIR_BUDGET = 1 << 24  # elements of the pairwise decay tensor built at once (KDA)
 
@@ -254,13 +254,6 @@ def _pair_size(k: Tensor, g: Tensor) -> int:
     return k.shape[1] * k.shape[2] ** 2 * g.shape[-1]
 
 
-def _local_all(q, k, v, g, b):
-    """`_local` over all chunks, a bounded number at a time."""
-    parts = [_local(None if q is None else q[s], k[s], v[s], g[s], b[s])[:4]
-             for s in _groups(k.shape[0], _pair_size(k, g))]
-    return [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
-
-
 def _scan(map_A, map_B, starts, S0):
     """States entering each chunk and the state after the last: S <- A_n S + B_n."""
     H, dk, dv = map_B.shape[1:]
@@ -275,58 +268,101 @@ def _scan(map_A, map_B, starts, S0):
     return torch.stack(states), S
 
 
+class ChunkFactors:
+    """The chunk-local WY factors of a span of tokens, computed once and reused.
+
+    From them: the span's affine map (`span_map`), its outputs from any entering state
+    (`outputs`), the entering state's gradient from the outputs alone (`state_grad`, cheap: one
+    reverse sweep of d x d products) and every input gradient given the outputs' and the final
+    state's gradients (`backward`). A context-parallel rank needs all four around its two
+    collectives, and building the factors is most of the kernel's cost. `keep_saved` also keeps
+    the backward's intermediates when they fit one group of chunks (else `backward` rebuilds
+    them group by group, bounding memory as the kernel does).
+    """
+
+    def __init__(self, q, k, v, gate, beta, cu_seqlens=None, chunk_size: int = 64, keep_saved: bool = False):
+        self.T, self.kda = k.shape[0], gate.dim() == 3
+        self.dt, self.idx, self.starts, self.xs = _prepare(q, k, v, gate, beta, cu_seqlens, chunk_size)
+        qc, kc, vc, gc, bc = self.xs
+        self.groups = list(_groups(kc.shape[0], _pair_size(kc, gc)))
+        keep = keep_saved and len(self.groups) == 1
+        parts, self.saved = [], None
+        for s in self.groups:  # a group's intermediates are dropped as soon as it is done
+            *part, saved = _local(None if qc is None else qc[s], kc[s], vc[s], gc[s], bc[s])
+            parts.append(part)
+            if keep:
+                self.saved = [saved]
+        self.map_A, self.map_B, self.Qe, self.Oi = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
+
+    def span_map(self) -> tuple[Tensor, Tensor]:
+        """S_out = A S_in + B over the span (a document start inside it makes A zero)."""
+        H, dk, dv = self.map_B.shape[1:]
+        A = torch.eye(dk, dtype=self.dt, device=self.map_B.device).expand(H, dk, dk)
+        B = self.map_B.new_zeros(H, dk, dv)
+        for n, st in enumerate(self.starts):
+            if st and n > 0:
+                A, B = torch.zeros_like(A), torch.zeros_like(B)
+            A, B = self.map_A[n] @ A, self.map_A[n] @ B + self.map_B[n]
+        return A, B
+
+    def outputs(self, S0: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(o [T, H, d_v], the states entering each chunk, the final state), internal dtype."""
+        states, final = _scan(self.map_A, self.map_B, self.starts, S0)
+        return _scatter(self.Oi + self.Qe @ states, self.idx, self.T), states, final
+
+    def _sweep(self, dO: Tensor, dfinal: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Reverse sweep over chunks carrying dS: (dS leaving each chunk, dS entering the span)."""
+        QdO = self.Qe.transpose(-1, -2) @ dO
+        N = QdO.shape[0]
+        dS_out = [None] * N
+        dS = dfinal.to(self.dt) if dfinal is not None else torch.zeros_like(self.map_B[0])
+        for n in range(N - 1, -1, -1):
+            dS_out[n] = dS
+            dS_in = QdO[n] + self.map_A[n].transpose(-1, -2) @ dS
+            dS = torch.zeros_like(dS_in) if self.starts[n] else dS_in
+            if n == 0:
+                dS0 = dS_in
+        return torch.stack(dS_out), dS0
+
+    def state_grad(self, dout: Tensor) -> Tensor:
+        """The entering state's gradient from the span's outputs only (no final-state gradient)."""
+        return self._sweep(_gather(dout.to(self.dt), self.idx, 0.0), None)[1]
+
+    def backward(self, dout: Tensor, states: Tensor, dfinal: Tensor | None, gate: Tensor):
+        """(dq, dk, dv, dgate, dbeta, d entering state) in the internal dtype; `gate` is alpha."""
+        qc, kc, vc, gc, bc = self.xs
+        dO = _gather(dout.to(self.dt), self.idx, 0.0)
+        dB, dS0 = self._sweep(dO, dfinal)
+        dA = dB @ states.transpose(-1, -2)
+        dQe = dO @ states.transpose(-1, -2)
+        grads = [[] for _ in range(5)]
+        for i, s in enumerate(self.groups):
+            saved = self.saved[i] if self.saved is not None else _local(qc[s], kc[s], vc[s], gc[s], bc[s])[4]
+            for acc, x in zip(grads, _local_bwd(qc[s], kc[s], vc[s], gc[s], bc[s], saved, dA[s], dB[s],
+                                                dQe[s], dO[s])):
+                acc.append(x)
+        dq, dk, dv, dg, db = (_scatter(torch.cat(x), self.idx, self.T) for x in grads)
+        dgate = (dg if self.kda else dg[..., 0]) / gate.to(self.dt)
+        return dq, dk, dv, dgate, db, dS0
+
+
 class _ChunkDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gate, beta, initial_state, cu_seqlens, C):
-        dt, idx, starts, xs = _prepare(q, k, v, gate, beta, cu_seqlens, C)
-        map_A, map_B, Qe, Oi = _local_all(*xs)
-        states, final = _scan(map_A, map_B, starts, initial_state)
-        o = _scatter(Oi + Qe @ states, idx, q.shape[0])
+        o, states, final = ChunkFactors(q, k, v, gate, beta, cu_seqlens, C).outputs(initial_state)
         ctx.save_for_backward(q, k, v, gate, beta, states)
-        ctx.cfg = (cu_seqlens, C, initial_state is not None,
-                   None if initial_state is None else initial_state.dtype)
+        ctx.cfg = (cu_seqlens, C, None if initial_state is None else initial_state.dtype)
         return o.to(q.dtype), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, gate, beta, states = ctx.saved_tensors
-        cu_seqlens, C, has_init, init_dtype = ctx.cfg
-        dt, idx, starts, (qc, kc, vc, gc, bc) = _prepare(q, k, v, gate, beta, cu_seqlens, C)
-        dO = _gather(do.to(dt), idx, 0.0)
-        N = kc.shape[0]
-        grads = [[] for _ in range(5)]
-        # reverse sweep over chunks carrying dS; the chunk-local factors are recomputed
-        groups = list(_groups(N, _pair_size(kc, gc)))
-        local = [_local(qc[s], kc[s], vc[s], gc[s], bc[s]) for s in groups]
-        map_A, Qe = torch.cat([x[0] for x in local]), torch.cat([x[2] for x in local])
-        if len(groups) > 1:  # bound memory: recompute each group's factors below
-            local = [None] * len(groups)
-        QdO = Qe.transpose(-1, -2) @ dO
-        dS_out = [None] * N
-        dS = dfinal.to(dt) if dfinal is not None else torch.zeros_like(states[0])
-        for n in range(N - 1, -1, -1):
-            dS_out[n] = dS
-            dS_in = QdO[n] + map_A[n].transpose(-1, -2) @ dS
-            dS = torch.zeros_like(dS_in) if starts[n] else dS_in
-            if n == 0:
-                dS0 = dS_in
-        dB = torch.stack(dS_out)
-        dA = dB @ states.transpose(-1, -2)
-        dQe = dO @ states.transpose(-1, -2)
-        for i, s in enumerate(groups):
-            saved = (local[i] or _local(qc[s], kc[s], vc[s], gc[s], bc[s]))[4]
-            local[i] = None
-            out = _local_bwd(qc[s], kc[s], vc[s], gc[s], bc[s], saved, dA[s], dB[s], dQe[s], dO[s])
-            for acc, x in zip(grads, out):
-                acc.append(x)
-        dq, dk, dv, dg, db = (torch.cat(x) for x in grads)
-        T = q.shape[0]
-        dgate = _scatter(dg, idx, T)
-        dgate = (dgate[..., 0] if gate.dim() == 2 else dgate) / gate.to(dt)
-        dinit = dS0.to(init_dtype) if has_init else None
-        return (_scatter(dq, idx, T).to(q.dtype), _scatter(dk, idx, T).to(k.dtype),
-                _scatter(dv, idx, T).to(v.dtype), dgate.to(gate.dtype),
-                _scatter(db, idx, T).to(beta.dtype), dinit, None, None)
+        cu_seqlens, C, init_dtype = ctx.cfg
+        f = ChunkFactors(q, k, v, gate, beta, cu_seqlens, C, keep_saved=True)
+        dq, dk, dv, dgate, db, dS0 = f.backward(do, states, dfinal, gate)
+        dinit = dS0.to(init_dtype) if init_dtype is not None else None
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgate.to(gate.dtype), db.to(beta.dtype),
+                dinit, None, None)
 
 
 def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, beta: Tensor,
@@ -357,13 +393,4 @@ def chunk_affine_map(k: Tensor, gate: Tensor, beta: Tensor, v: Tensor,
     flow through autograd.
     """
     _check(None, k, v, gate, beta, None)
-    dt, idx, starts, (_, kc, vc, gc, bc) = _prepare(None, k, v, gate, beta, cu_seqlens, chunk_size)
-    map_A, map_B, _, _ = _local_all(None, kc, vc, gc, bc)
-    H, dk, dv = map_B.shape[1:]
-    A = torch.eye(dk, dtype=dt, device=k.device).expand(H, dk, dk)
-    B = map_B.new_zeros(H, dk, dv)
-    for n, st in enumerate(starts):
-        if st and n > 0:
-            A, B = torch.zeros_like(A), torch.zeros_like(B)
-        A, B = map_A[n] @ A, map_A[n] @ B + map_B[n]
-    return A, B
+    return ChunkFactors(None, k, v, gate, beta, cu_seqlens, chunk_size).span_map()

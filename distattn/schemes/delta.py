@@ -102,68 +102,113 @@ def _run_inputs(tensors, sl: slice, grad: bool):
     return [t[sl].detach().to(F32).requires_grad_(grad) for t in tensors]
 
 
+def _factors(tensors, run: Run, with_q: bool, keep_saved: bool = False):
+    from distattn.kernels.delta import ChunkFactors
+    q, k, v, g, b = _run_inputs(tensors, _sl(run), False)
+    return ChunkFactors(q if with_q else None, k, v, g, b, keep_saved=keep_saved)
+
+
 class _DeltaCP(torch.autograd.Function):
+    """Each run's chunk factors are built once per pass and serve both its map and its outputs
+    (forward), and both the state gradient it sends and its input gradients (backward). With
+    flash-linear-attention's kernels (CUDA) the outputs and their gradients come from fla and the
+    maps from ours, each run's map then differentiated through autograd."""
+
     @staticmethod
     def forward(ctx, q, k, v, gate, beta, comm: Comm, plan: DeltaPlan, chunk: int):
-        from distattn.kernels.delta import chunk_affine_map
-        from distattn.kernels.delta_backends import delta_rule
+        from distattn.kernels.delta_backends import delta_rule, select_delta_kernel
+        fla = select_delta_kernel(q.device) == "fla"
         h, dk, dv = q.shape[1], q.shape[2], v.shape[2]
+        xs = (q, k, v, gate, beta)
         with comm.ledger.tag("fwd"), torch.no_grad():
+            factors = {i: _factors(xs, run, not fla) for i, run in enumerate(plan.runs)
+                       if not fla or i in plan.my_fwd}
             maps = None
             if plan.n_fwd:
                 buf = torch.zeros((plan.n_fwd, h, dk, dk + dv), dtype=F32, device=q.device)
                 for j, i in enumerate(plan.my_fwd):
-                    kk, vv, gg, bb = _run_inputs((k, v, gate, beta), _sl(plan.runs[i]), False)
-                    a, b = chunk_affine_map(kk, gg, bb, vv)
+                    a, b = factors[i].span_map()
                     buf[j, :, :, :dk], buf[j, :, :, dk:] = a, b
                 maps = comm.all_gather(buf)
             prefix = plan.map_prefixes(maps, dk) if maps is not None else {i: None for i in range(len(plan.runs))}
             out = torch.empty((q.shape[0], h, dv), dtype=q.dtype, device=q.device)
             for i, run in enumerate(plan.runs):
-                sl = _sl(run)
-                xs = _run_inputs((q, k, v, gate, beta), sl, False)
-                out[sl] = delta_rule(*xs, initial_state=prefix[i], chunk_size=chunk).to(q.dtype)
+                if fla:
+                    o = delta_rule(*_run_inputs(xs, _sl(run), False), initial_state=prefix[i], chunk_size=chunk)
+                else:
+                    o = factors.pop(i).outputs(prefix[i])[0]
+                out[_sl(run)] = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, gate, beta)
-        ctx.comm, ctx.plan, ctx.chunk, ctx.maps, ctx.prefix = comm, plan, chunk, maps, prefix
+        ctx.comm, ctx.plan, ctx.chunk, ctx.maps, ctx.prefix, ctx.fla = comm, plan, chunk, maps, prefix, fla
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        from distattn.kernels.delta import chunk_affine_map
-        from distattn.kernels.delta_backends import delta_rule
-        q, k, v, gate, beta = ctx.saved_tensors
-        comm, plan, maps, prefix = ctx.comm, ctx.plan, ctx.maps, ctx.prefix
-        dk = q.shape[2]
-        grads = [torch.zeros_like(t, dtype=F32) for t in (q, k, v, gate, beta)]
-        with comm.ledger.tag("bwd"):
-            d_in: dict[int, torch.Tensor] = {}
-            for i, run in enumerate(plan.runs):  # each run's kernel backward, from its outputs
-                sl = _sl(run)
-                xs = _run_inputs((q, k, v, gate, beta), sl, True)
-                p = prefix[i].detach().requires_grad_() if prefix[i] is not None else None
-                with torch.enable_grad():
-                    o = delta_rule(*xs, initial_state=p, chunk_size=ctx.chunk)
-                    got = torch.autograd.grad(o, xs + ([p] if p is not None else []), dout[sl].to(F32))
-                for g, d in zip(grads, got[:5]):
-                    g[sl] += d
-                if p is not None:
-                    d_in[i] = got[5]
-            if plan.n_bwd:
-                buf = torch.zeros((plan.n_bwd, q.shape[1], dk, v.shape[2]), dtype=F32, device=q.device)
-                for j, i in enumerate(plan.my_bwd):
-                    buf[j] = d_in[i]
-                for i, g_out in plan.map_suffixes(comm.all_gather(buf), maps, dk).items():
-                    sl = _sl(plan.runs[i])  # the state this run leaves: through its map to its inputs
-                    kk, vv, gg, bb = _run_inputs((k, v, gate, beta), sl, True)
-                    with torch.enable_grad():
-                        a, b = chunk_affine_map(kk, gg, bb, vv)
-                        p = prefix[i]
-                        da = g_out @ p.transpose(-1, -2) if p is not None else torch.zeros_like(a)
-                        got = torch.autograd.grad((a, b), (kk, vv, gg, bb), (da, g_out), allow_unused=True)
-                    for idx, d in zip((1, 2, 3, 4), got):
-                        if d is not None:
-                            grads[idx][sl] += d
-        return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v, gate, beta))), None, None, None)
+        xs = ctx.saved_tensors
+        with ctx.comm.ledger.tag("bwd"):
+            grads = (_backward_fla if ctx.fla else _backward)(ctx, xs, dout)
+        return (*(g.to(t.dtype) for g, t in zip(grads, xs)), None, None, None)
+
+
+def _gather_state_grads(ctx, xs, d_in: dict) -> dict[int, torch.Tensor]:
+    """ONE all-gather of the entering states' gradients; the gradient of the state each run leaves."""
+    q, v, plan = xs[0], xs[2], ctx.plan
+    if not plan.n_bwd:
+        return {}
+    buf = torch.zeros((plan.n_bwd, q.shape[1], q.shape[2], v.shape[2]), dtype=F32, device=q.device)
+    for j, i in enumerate(plan.my_bwd):
+        buf[j] = d_in[i]
+    return plan.map_suffixes(ctx.comm.all_gather(buf), ctx.maps, q.shape[2])
+
+
+def _backward(ctx, xs, dout):
+    """Our kernel: factors once per run, the outputs' state gradient sent, then one backward per run
+    with the gradient of the state it leaves (which also reaches its inputs through its map)."""
+    from distattn.kernels.delta import _scan
+    plan, prefix = ctx.plan, ctx.prefix
+    grads = [torch.zeros_like(t, dtype=F32) for t in xs]
+    factors = {i: _factors(xs, run, True, keep_saved=True) for i, run in enumerate(plan.runs)}
+    d_in = {i: factors[i].state_grad(dout[_sl(plan.runs[i])]) for i in plan.my_bwd}
+    g_out = _gather_state_grads(ctx, xs, d_in)
+    for i, run in enumerate(plan.runs):
+        sl, f = _sl(run), factors.pop(i)
+        states, _ = _scan(f.map_A, f.map_B, f.starts, prefix[i])
+        got = f.backward(dout[sl], states, g_out.get(i), xs[3][sl])
+        for g, d in zip(grads, got[:5]):
+            g[sl] += d
+    return grads
+
+
+def _backward_fla(ctx, xs, dout):
+    """fla's kernel: each run's backward from its outputs, then its map's through autograd."""
+    from distattn.kernels.delta import chunk_affine_map
+    from distattn.kernels.delta_backends import delta_rule
+    plan, prefix = ctx.plan, ctx.prefix
+    grads = [torch.zeros_like(t, dtype=F32) for t in xs]
+    d_in: dict[int, torch.Tensor] = {}
+    for i, run in enumerate(plan.runs):
+        sl = _sl(run)
+        ins = _run_inputs(xs, sl, True)
+        p = prefix[i].detach().requires_grad_() if prefix[i] is not None else None
+        with torch.enable_grad():
+            o = delta_rule(*ins, initial_state=p, chunk_size=ctx.chunk)
+            got = torch.autograd.grad(o, ins + ([p] if p is not None else []), dout[sl].to(F32))
+        for g, d in zip(grads, got[:5]):
+            g[sl] += d
+        if p is not None:
+            d_in[i] = got[5]
+    for i, g_out in _gather_state_grads(ctx, xs, d_in).items():
+        sl = _sl(plan.runs[i])  # the state this run leaves: through its map to its inputs
+        kk, vv, gg, bb = _run_inputs(xs[1:], sl, True)
+        with torch.enable_grad():
+            a, b = chunk_affine_map(kk, gg, bb, vv)
+            p = prefix[i]
+            da = g_out @ p.transpose(-1, -2) if p is not None else torch.zeros_like(a)
+            got = torch.autograd.grad((a, b), (kk, vv, gg, bb), (da, g_out), allow_unused=True)
+        for idx, d in zip((1, 2, 3, 4), got):
+            if d is not None:
+                grads[idx][sl] += d
+    return grads
 
 
 def delta_attention(q, k, v, gate, beta, *, comm: Comm, peer_runs: Sequence[list[Run]],
