@@ -58,13 +58,19 @@ def _run_forward(xs, sl, init, chunk, want_final):
 
 
 def _run_backward(xs, sl, init, dout, dfinal, chunk):
-    """One run's five input gradients and d(initial state), recomputing its kernel."""
-    from distattn.kernels.delta_backends import delta_rule
-    ins = _run_inputs(xs, sl, True)
+    """One run's five input gradients and d(initial state): with our kernel from its chunk factors
+    built once; with fla's through autograd (recomputing its forward)."""
+    from distattn.kernels.delta_backends import delta_rule, select_delta_kernel
+    ins = _run_inputs(xs, sl, select_delta_kernel(dout.device) == "fla")
+    if not ins[0].requires_grad:
+        from distattn.kernels.delta import ChunkFactors, _scan
+        f = ChunkFactors(*ins, chunk_size=chunk, keep_saved=True)
+        states, _ = _scan(f.map_A, f.map_B, f.starts, init)
+        *got, d_init = f.backward(dout, states, dfinal, ins[3])
+        return got, (d_init if init is not None else None)
     p = init.detach().requires_grad_() if init is not None else None
     with torch.enable_grad():
-        res = delta_rule(*ins, initial_state=p, chunk_size=chunk,
-                               output_final_state=dfinal is not None)
+        res = delta_rule(*ins, initial_state=p, chunk_size=chunk, output_final_state=dfinal is not None)
         outs, gouts = ((res[0], res[1]), (dout, dfinal)) if dfinal is not None else ((res,), (dout,))
         got = torch.autograd.grad(outs, ins + ([p] if p is not None else []), gouts)
     return got[:5], (got[5] if p is not None else None)
