@@ -318,9 +318,20 @@ def state_grad(q, do, loglam) -> torch.Tensor:
 # ----------------------------------------------------------------------------- runs of a buffer
 
 
+def _fla(q, runs) -> bool:
+    """flash-linear-attention's kernel for this buffer (CUDA, installed, runs tiling the buffer)."""
+    if q.device.type != "cuda":
+        return False
+    from distattn.kernels.linear_fla import runs_tile, use_fla
+    return use_fla(q.device) and runs_tile(runs, q.shape[2])
+
+
 def chunk_forward(q, k, v, runs: Sequence[Run], loglam, block: int = DEFAULT_BLOCK) -> torch.Tensor:
     """Grouped output of every run of a local buffer, each from zero state."""
     with region("compute/linear_fwd"):
+        if _fla(q, runs):
+            from distattn.kernels.linear_fla import fla_chunk_forward
+            return fla_chunk_forward(q, k, v, runs, loglam)
         return _chunk_forward(q, k, v, runs, loglam, block)
 
 
@@ -338,6 +349,9 @@ def _chunk_forward(q, k, v, runs: Sequence[Run], loglam, block: int) -> torch.Te
 def chunk_backward(q, k, v, do, runs: Sequence[Run], loglam, block: int = DEFAULT_BLOCK):
     """Grouped dq, dk, dv of `chunk_forward` (every run from zero state, no later tokens)."""
     with region("compute/linear_bwd"):
+        if _fla(q, runs):
+            from distattn.kernels.linear_fla import fla_chunk_backward
+            return fla_chunk_backward(q, k, v, do, runs, loglam)
         return _chunk_backward(q, k, v, do, runs, loglam, block)
 
 
