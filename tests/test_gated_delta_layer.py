@@ -87,3 +87,10 @@ def test_kimi_delta_layer_gates_every_key_channel():
     assert own == {"linear_f1.weight", "linear_f2.weight", "linear_g1.weight", "linear_g2.weight"}
     gate = kda._output_gate(x)
     assert gate.shape == (7, H * d) and bool(((gate > 0) & (gate < 1)).all())
+
+
+def test_a_model_of_only_kimi_delta_layers_gets_a_linear_scheme():
+    from distattn.train.trainer import build_schemes
+    cfg = load_config(None, TINY + ["model.layer_pattern=KKN", "attention.scheme=ring"])
+    softmax, linear = build_schemes(cfg, None)
+    assert softmax.name == "ring" and linear is not None and linear.name == "lasp2"

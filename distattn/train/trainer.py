@@ -67,7 +67,7 @@ def build_schemes(cfg: Config, mesh: ParallelMesh):
     if name == "usp" and 1 < cfg.parallel.ulysses < cfg.parallel.cp:
         softmax.bind(mesh.ulysses_group, mesh.ring_group)
     linear = None
-    if set("LD") & set(cfg.model.layer_kinds()):  # linear and Gated DeltaNet layers
+    if set("LDK") & set(cfg.model.layer_kinds()):  # linear and delta-rule (GDN, KDA) layers
         linear = _linear_scheme(cfg, softmax)
     return softmax, linear
 
