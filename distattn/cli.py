@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)  # distattn plan batch
     from distattn.plan.memory import add_parser as add_plan_memory
     add_plan_memory(sub)  # distattn plan memory (joins `plan` if it exists)
+    from distattn.plan.parallel_cli import add_parallel_parser
+    add_parallel_parser(sub)  # distattn plan parallel
     from distattn.hf.cli import add_parser as add_convert
     add_convert(sub)
     from distattn.eval.cli import add_parser as add_eval
