@@ -74,7 +74,7 @@ def _log_choice(device: str, choice: str) -> None:
 
 
 def delta_rule(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, beta: Tensor, cu_seqlens=None,
-               initial_state: Tensor | None = None, chunk_size: int = 64,
+               initial_state: Tensor | None = None, chunk_size: int | None = None,
                output_final_state: bool = False, kernel: str | None = None):
     """The delta rule with `delta.chunk_delta_rule`'s contract, on the kernel chosen for the device.
 

@@ -102,10 +102,10 @@ def _run_inputs(tensors, sl: slice, grad: bool):
     return [t[sl].detach().to(F32).requires_grad_(grad) for t in tensors]
 
 
-def _factors(tensors, run: Run, with_q: bool, keep_saved: bool = False):
+def _factors(tensors, run: Run, with_q: bool, chunk: int | None, keep_saved: bool = False):
     from distattn.kernels.delta import ChunkFactors
     q, k, v, g, b = _run_inputs(tensors, _sl(run), False)
-    return ChunkFactors(q if with_q else None, k, v, g, b, keep_saved=keep_saved)
+    return ChunkFactors(q if with_q else None, k, v, g, b, chunk_size=chunk, keep_saved=keep_saved)
 
 
 class _DeltaCP(torch.autograd.Function):
@@ -121,7 +121,7 @@ class _DeltaCP(torch.autograd.Function):
         h, dk, dv = q.shape[1], q.shape[2], v.shape[2]
         xs = (q, k, v, gate, beta)
         with comm.ledger.tag("fwd"), torch.no_grad():
-            factors = {i: _factors(xs, run, not fla) for i, run in enumerate(plan.runs)
+            factors = {i: _factors(xs, run, not fla, chunk) for i, run in enumerate(plan.runs)
                        if not fla or i in plan.my_fwd}
             maps = None
             if plan.n_fwd:
@@ -167,7 +167,7 @@ def _backward(ctx, xs, dout):
     from distattn.kernels.delta import _scan
     plan, prefix = ctx.plan, ctx.prefix
     grads = [torch.zeros_like(t, dtype=F32) for t in xs]
-    factors = {i: _factors(xs, run, True, keep_saved=True) for i, run in enumerate(plan.runs)}
+    factors = {i: _factors(xs, run, True, ctx.chunk, keep_saved=True) for i, run in enumerate(plan.runs)}
     d_in = {i: factors[i].state_grad(dout[_sl(plan.runs[i])]) for i in plan.my_bwd}
     g_out = _gather_state_grads(ctx, xs, d_in)
     for i, run in enumerate(plan.runs):
@@ -212,7 +212,7 @@ def _backward_fla(ctx, xs, dout):
 
 
 def delta_attention(q, k, v, gate, beta, *, comm: Comm, peer_runs: Sequence[list[Run]],
-                    cu_seqlens: Sequence[int], rule: str = "gated_delta", chunk: int = 64) -> torch.Tensor:
+                    cu_seqlens: Sequence[int], rule: str = "gated_delta", chunk: int | None = None) -> torch.Tensor:
     """Delta-rule linear attention over `comm`'s group; `peer_runs[j]` describes rank j's rows."""
     check_delta_inputs(q, k, v, gate, beta, rule)
     if len(peer_runs) != comm.size:

@@ -137,7 +137,7 @@ class _DeltaRing(torch.autograd.Function):
 
 
 def delta_ring_attention(q, k, v, gate, beta, *, comm: Comm, runs: Sequence[Run], rule: str = "gated_delta",
-                         chunk: int = 64) -> torch.Tensor:
+                         chunk: int | None = None) -> torch.Tensor:
     """Delta rule over `comm`'s group on a ring; `runs` are this rank's, in a contiguous layout."""
     check_delta_inputs(q, k, v, gate, beta, rule)
     runs = list(runs)
