@@ -24,6 +24,7 @@ SHARDS = ("none", "zero1", "zero2", "fsdp")
 RECOMPUTES = ("none", "selective", "full")
 MAX_TP = 8          # tensor parallelism stays inside one node
 WINDOWS = 32        # sequences sampled from the document lengths
+TILE = 4096         # tokens per loss / MLP tile when a candidate tiles them
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Candidate:
     linear_scheme: str = "-"
     shard: str = "none"      # none | zero1 | zero2 | fsdp
     recompute: str = "none"
+    tiles: bool = False      # model.loss_tile and model.mlp_tile of TILE tokens
     estimate: StepEstimate | None = None
     reason: str = ""         # why it was dropped or why it loses
 
@@ -55,6 +57,8 @@ class Candidate:
                f"model.recompute={self.recompute}",
                f"train.shard={'fsdp' if self.shard == 'fsdp' else 'none'}",
                f"train.zero_stage={self.shard[-1] if self.shard.startswith('zero') else 0}"]
+        if self.tiles:
+            out += [f"model.loss_tile={TILE}", f"model.mlp_tile={TILE}"]
         if self.scheme != "-":
             out += [f"attention.scheme={self.scheme}", f"attention.layout={self.layout}"]
         if self.linear_scheme != "-":
@@ -207,14 +211,20 @@ def enumerate_candidates(cfg_path, base_overrides: list[str], gpus: int):
 
 
 def _memory_variants(cfg, c: Candidate):
-    """The shard x recompute variants of a candidate's config (ZeRO needs tp = 1 and no fsdp)."""
-    for shard, rc in itertools.product(SHARDS, RECOMPUTES):
+    """The shard x recompute x tiles variants of a candidate's config (ZeRO needs tp = 1; tiles are
+    tried when the config has none)."""
+    tiled = (False, True) if not (cfg.model.loss_tile or cfg.model.mlp_tile) else (False,)
+    for shard, rc, tiles in itertools.product(SHARDS, RECOMPUTES, tiled):
         if shard.startswith("zero") and cfg.parallel.tp > 1:
             continue
-        model = cfg.model.model_copy(update={"recompute": rc})
+        upd = {"recompute": rc}
+        if tiles:
+            upd.update(loss_tile=TILE, mlp_tile=TILE)
+        model = cfg.model.model_copy(update=upd)
         train = cfg.train.model_copy(update={"shard": "fsdp" if shard == "fsdp" else "none",
                                              "zero_stage": int(shard[-1]) if shard.startswith("zero") else 0})
-        v = Candidate(**{**c.__dict__, "shard": shard, "recompute": rc, "estimate": None, "reason": ""})
+        v = Candidate(**{**c.__dict__, "shard": shard, "recompute": rc, "tiles": tiles, "estimate": None,
+                         "reason": ""})
         yield cfg.model_copy(update={"model": model, "train": train}), v
 
 

@@ -59,12 +59,13 @@ def read_lengths(spec: str, cfg) -> tuple[list[int] | None, str]:
 
 def format_plan(plan, top: int) -> str:
     gib = 2 ** 30
-    head = (f"{'#':>2}  {'attention':<28} {'tp':>2} {'cp':>3} {'dp':>3} {'shard':<5} {'recompute':<9} "
+    head = (f"{'#':>2}  {'attention':<28} {'tp':>2} {'cp':>3} {'dp':>3} {'shard':<5} {'recompute':<9} {'tiles':<5} "
             f"{'tok/s/GPU':>10} {'step s':>8} {'GiB':>6} {'exposed':>7} {'work':>5}  why not first")
     lines = [head, "-" * len(head)]
     for i, c in enumerate(plan.ranked[:top], 1):
         e = c.estimate
         lines.append(f"{i:>2}  {c.label:<28} {c.tp:>2} {c.cp:>3} {c.dp:>3} {c.shard:<5} {c.recompute:<9} "
+                     f"{'yes' if c.tiles else 'no':<5} "
                      f"{e.tokens_per_s_per_gpu:>10,.0f} {e.step_s:>8.3f} {e.mem_bytes / gib:>6.1f} "
                      f"{e.exposed_fraction:>7.0%} {e.balance.work:>5.2f}  {c.reason}")
     if not plan.ranked:
@@ -79,7 +80,7 @@ def format_plan(plan, top: int) -> str:
     if fit:
         small = min(fit, key=lambda c: c.estimate.mem_bytes)
         lines.append(f"  {len(fit)} don't fit {plan.budget_bytes / gib:.1f} GiB; the smallest of them, "
-                     f"{small.label} tp={small.tp} cp={small.cp} {small.shard}/{small.recompute}, needs "
+                     f"{small.label} tp={small.tp} cp={small.cp} {small.shard}/{small.recompute}{'/tiles' if small.tiles else ''}, needs "
                      f"{small.estimate.mem_bytes / gib:.1f} GiB")
     for reason, cs in dropped.items():
         ex = cs[0]

@@ -121,7 +121,11 @@ def estimate_step(cfg, cluster: Cluster, balance: DocBalance | None = None,
     layer_dense = (P - root) / m.num_layers
     redo = m.recompute in ("selective", "full")
     per_token = 6.0 * (layer_dense * m.num_layers + m.vocab_size * m.hidden_size) / tp
-    dense = cluster.device.matmul_time(per_token * T * (8 / 6 if redo else 1.0), calls=21 * m.num_layers)
+    if redo:  # the layers' forward again
+        per_token += 2.0 * layer_dense * m.num_layers / tp
+    elif m.mlp_tile:  # a tiled MLP rebuilds its activations in the backward: its forward again
+        per_token += 2.0 * 3 * m.hidden_size * m.ffn_hidden_size * m.num_layers / tp
+    dense = cluster.device.matmul_time(per_token * T, calls=21 * m.num_layers)
     kinds = m.layer_kinds()
     cache: dict[str, tuple] = {}
     for k in set(kinds):
