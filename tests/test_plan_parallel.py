@@ -26,7 +26,7 @@ def test_fewer_heads_than_cp_excludes_ulysses_with_the_reason():
 def test_linear_layers_take_lasp2():
     plan = plan_parallel(None, SMALL + ["model.layer_pattern=LLLN"], 8, H100)
     assert plan.best.linear_scheme == "lasp2" and plan.best.cp > 1
-    key = lambda c: (c.tp, c.cp, c.scheme, c.ulysses, c.layout, c.shard, c.recompute)  # noqa: E731
+    key = lambda c: (c.tp, c.cp, c.scheme, c.ulysses, c.layout, c.shard, c.recompute, c.tiles)  # noqa: E731
     lasp2 = {key(c): c for c in plan.ranked if c.linear_scheme == "lasp2"}
     twins = [(c, lasp2[key(c)]) for c in plan.ranked if c.linear_scheme == "lasp1" and c.cp >= 4]
     assert twins and all(a.estimate.step_s > b.estimate.step_s for a, b in twins)  # lasp1's state chain
@@ -46,12 +46,13 @@ def test_long_tailed_documents_prefer_doc_zigzag_over_zigzag():
 
 
 def test_too_little_memory_forces_fsdp_or_full_recomputation():
-    roomy = plan_parallel(None, SMALL, 8, H100)
+    tiled = SMALL + ["model.loss_tile=4096", "model.mlp_tile=4096"]
+    roomy = plan_parallel(None, tiled, 8, H100)
     assert roomy.best.shard != "fsdp" or roomy.best.recompute != "full"
-    plan = plan_parallel(None, SMALL, 8, H100, budget_gib=6.0)
-    assert plan.ranked, "something must fit 6 GiB"
+    plan = plan_parallel(None, tiled, 8, H100, budget_gib=1.75)
+    assert plan.ranked, "something must fit 1.75 GiB"
     assert all(c.shard == "fsdp" or c.recompute == "full" for c in plan.ranked)
-    assert any(c.reason.startswith("doesn't fit: ") and c.reason.endswith(" > 6.0 GiB") for c in plan.dropped)
+    assert any(c.reason.startswith("doesn't fit: ") and c.reason.endswith(" > 1.8 GiB") for c in plan.dropped)
 
 
 def test_the_written_config_loads_and_trains(ranks, tmp_path, capsys):
