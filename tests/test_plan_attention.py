@@ -30,7 +30,8 @@ def test_parts_add_up_and_name_where_the_peak_is():
     m = pred("allgather", 16384, 2)
     assert m.total == m.inputs + m.outputs + m.comm + m.kernel == m.as_dict()["total"]
     assert m.inputs == 2 * 8192 * (4 + 2) * 32 * 4            # q, k, v, dout shards in fp32
-    assert m.phase == "backward compute" and m.rank == 1        # rank 1's calls are the larger ones
+    # both ranks' largest call is the causal square over their own rows (one fused call each)
+    assert m.phase == "backward compute"
     # the whole gathered K/V (and its fp32 gradient) sits on every rank; ring holds one block
     assert m.comm > pred("ring", 16384, 2).comm
     # lasp2's communication is d x d states: a rank's peak only follows its own tokens

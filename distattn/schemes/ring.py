@@ -14,17 +14,32 @@ bf16 partials loses digits as W grows.
 Traffic per rank (s = bytes per element, KVblk = 2*T_local*Hkv*D elements):
 forward (W-1)*KVblk*s, backward (W-1)*KVblk*s for K/V plus W*KVblk*4 for dK/dV.
 Uneven shards (doc_zigzag, weighted) change the block sizes, not the algorithm.
+
+Kernel calls: one per ring step for a single document under zigzag (the planner
+fuses a rank's two chunks against themselves into one causal call at step 0;
+every later step is one rectangle), one per step and document run otherwise.
+
+Buffers: K and V travel as two messages per hop, received into halves of a
+[2, T, Hkv, D] buffer; two such buffers alternate (the one being computed on,
+the one being received into), so no hop packs or copies K/V. The backward's
+dK/dV accumulators alternate the same way: the one arriving from the previous
+rank becomes this step's accumulator and this rank's kernel gradients are added
+into it, so no accumulator is zero-filled after step 0. On CPU the buffers are
+kept per thread between calls of the same shapes (a fresh large tensor costs
+page faults on every first touch); `release_ring_buffers()` frees them. Nothing
+a call returns or saves aliases them.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from distattn.comm import Comm
-from distattn.kernels.softmax import (block_backward, block_forward, check_shapes, default_scale,
-                                      plan_calls)
+from distattn.kernels.softmax import (add_kv_parts, block_backward_parts, block_forward, check_shapes,
+                                      default_scale, plan_calls)
 from distattn.layout import Run
 from distattn.schemes.base import (AttnShape, CommVolume, Scheme, make_comm, register,
                                    total_tokens)
@@ -45,55 +60,127 @@ class RingPlan:
         return (self.rank - step) % self.world
 
 
-def _kv_pack(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.stack((k, v), dim=1)  # [T, 2, Hkv, D]: one message per hop
+class _Store(threading.local):
+    def __init__(self):
+        self.flat: dict[tuple, torch.Tensor] = {}
+
+
+_STORE = _Store()
+
+
+def release_ring_buffers() -> None:
+    """Free the K/V and dK/dV buffers this thread keeps between ring calls."""
+    _STORE.flat.clear()
+
+
+class _Buffers:
+    """Flat buffers of one call, handed out as [2, T, Hkv, D] views of any T up to the largest."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, row: tuple[int, int], rows: int):
+        self.dtype, self.device, self.row = dtype, device, row
+        self.numel = 2 * rows * row[0] * row[1]
+        self.keep = device.type == "cpu"  # CUDA's caching allocator already reuses freed blocks
+        self.local: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, tokens: int) -> torch.Tensor:
+        key = (name, self.dtype, self.device, self.numel)
+        flat = self.local.get(name)
+        if flat is None:
+            flat = _STORE.flat.get(key) if self.keep else None
+            if flat is None:
+                flat = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+                if self.keep:
+                    for old in [k for k in _STORE.flat if k[0] == name and k[1:3] == key[1:3]]:
+                        del _STORE.flat[old]  # one size per name and dtype: the newest shape
+                    _STORE.flat[key] = flat
+            self.local[name] = flat
+        return flat[: 2 * tokens * self.row[0] * self.row[1]].view(2, tokens, *self.row)
+
+
+def _post_kv(comm: Comm, k: torch.Tensor, v: torch.Tensor, into: torch.Tensor):
+    nxt, prv = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
+    return comm.exchange([(k, nxt), (v, nxt)], [(into[0], prv), (into[1], prv)])
 
 
 def ring_forward(comm: Comm, q, k, v, plan: RingPlan, scale: float):
     """fp32 (out, lse) of local q over the whole ring's K/V."""
-    W, nxt, prv = comm.size, (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
-    kv = _kv_pack(k, v)
+    W = comm.size
+    bufs = _Buffers(k.dtype, k.device, tuple(k.shape[1:]), max(plan.sizes))
     out = lse = None
     for s in range(W):
         pending = None
         if s < W - 1:  # post the next hop before computing this block
-            buf = kv.new_empty((plan.sizes[plan.src(s + 1)], *kv.shape[1:]))
-            pending = comm.exchange([(kv, nxt)], [(buf, prv)])
-        out, lse = block_forward(q, kv[:, 0], kv[:, 1], plan.calls[s], scale, out, lse)
+            recv = bufs.get(f"kv{s % 2}", plan.sizes[plan.src(s + 1)])
+            pending = _post_kv(comm, k, v, recv)
+        out, lse = block_forward(q, k, v, plan.calls[s], scale, out, lse)
         if pending is not None:
-            kv = pending.wait()[0]
+            pending.wait()
+            k, v = recv[0], recv[1]
     if out is None:  # pragma: no cover - W >= 1 always runs one step
         raise RuntimeError("empty ring")
     return out, lse
+
+
+def _whole(parts, size: int) -> bool:
+    """One kernel call covers every key row of the block: its dk, dv are the block's gradient."""
+    return len(parts) == 1 and parts[0][0].k0 == 0 and parts[0][0].k1 == size
 
 
 def ring_backward(comm: Comm, dout, q, k, v, out, lse, plan: RingPlan, scale: float,
                   dkv_dtype: torch.dtype):
     """dq (fp32) and this rank's dk, dv (fp32) via a second lap of the ring."""
     W, nxt, prv = comm.size, (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
-    kv = _kv_pack(k, v)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    f32 = torch.float32
+    row, rows = tuple(k.shape[1:]), max(plan.sizes)
+    if W == 1:
+        dq, parts = block_backward_parts(dout, q, k, v, out, lse, plan.calls[0], scale)
+        g = torch.empty((2, *k.shape), dtype=f32, device=k.device)
+        add_kv_parts(g[0], g[1], parts, fresh=True)
+        return dq, g[0], g[1]
+    kv_bufs = _Buffers(k.dtype, k.device, row, rows)
+    acc_bufs = _Buffers(f32, k.device, row, rows)
+    wire_bufs = _Buffers(dkv_dtype, k.device, row, rows) if dkv_dtype != f32 else None
+    dq = None
     dkv_pending = None
     for s in range(W):
         kv_pending = None
         if s < W - 1:
-            buf = kv.new_empty((plan.sizes[plan.src(s + 1)], *kv.shape[1:]))
-            kv_pending = comm.exchange([(kv, nxt)], [(buf, prv)])
-        g = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-        block_backward(dout, q, kv[:, 0], kv[:, 1], out, lse, plan.calls[s], scale,
-                       dq=dq, dk=g[:, 0], dv=g[:, 1])
-        if dkv_pending is not None:  # contributions of earlier ranks to this block
-            g += dkv_pending.wait()[0].to(torch.float32)
-        if W == 1:
-            return dq, g[:, 0], g[:, 1]
+            recv = kv_bufs.get(f"kv{s % 2}", plan.sizes[plan.src(s + 1)])
+            kv_pending = _post_kv(comm, k, v, recv)
+        dq, parts = block_backward_parts(dout, q, k, v, out, lse, plan.calls[s], scale, dq)
+        size = plan.sizes[plan.src(s)]
+        if dkv_pending is None and _whole(parts, size) and parts[0][1].dtype == dkv_dtype:
+            send = (parts[0][1], parts[0][2])  # step 0, one call: its gradients go out as they are
+        else:
+            if dkv_pending is None:  # step 0: this rank starts its own block's accumulator
+                acc = acc_bufs.get(f"acc{s % 2}", size)
+                add_kv_parts(acc[0], acc[1], parts, fresh=True)
+            else:  # the partial sum of the ranks before me arrived: add mine into it
+                got = dkv_pending.wait()
+                if wire_bufs is None:
+                    acc = into
+                else:
+                    acc = acc_bufs.get(f"acc{s % 2}", size)
+                    acc[0].copy_(got[0])
+                    acc[1].copy_(got[1])
+                add_kv_parts(acc[0], acc[1], parts)
+            send = acc if wire_bufs is None else wire_bufs.get(f"out{s % 2}", size).copy_(acc)
+        del parts
         # pass the accumulator on; after W hops it arrives at the block's owner
-        home_size = plan.sizes[plan.src(s + 1)]
-        recv = torch.empty((home_size, *kv.shape[1:]), dtype=dkv_dtype, device=kv.device)
-        dkv_pending = comm.exchange([(g.to(dkv_dtype), nxt)], [(recv, prv)])
+        home = plan.sizes[plan.src(s + 1)]
+        if s == W - 1:  # my own block comes home: into a fresh tensor the caller may keep
+            into = torch.empty((2, home, *row), dtype=dkv_dtype, device=k.device)
+        elif wire_bufs is None:
+            into = acc_bufs.get(f"acc{(s + 1) % 2}", home)
+        else:
+            into = wire_bufs.get(f"in{s % 2}", home)
+        dkv_pending = comm.exchange([(send[0], nxt), (send[1], nxt)], [(into[0], prv), (into[1], prv)])
         if kv_pending is not None:
-            kv = kv_pending.wait()[0]
-    mine = dkv_pending.wait()[0].to(torch.float32)
-    return dq, mine[:, 0], mine[:, 1]
+            kv_pending.wait()
+            k, v = recv[0], recv[1]
+    dkv_pending.wait()
+    mine = into.to(f32)
+    return dq, mine[0], mine[1]
 
 
 class _RingAttention(torch.autograd.Function):
