@@ -73,14 +73,11 @@ class StepEstimate:
         return d
 
 
-def _attention(name: str, cfg, cluster: Cluster, balance: DocBalance) -> tuple[float, float, float, float]:
-    """(time, compute, exposed transfers, forward time) of one attention layer, forward + backward,
-    of scheme `name` (a simulator name) on this config's heads per tp rank and cp group."""
-    m, par = cfg.model, cfg.parallel
-    tp, cp = par.tp, par.cp
-    w = AttnWorkload(seq=cfg.data.seq_len, heads=m.num_attention_heads // tp,
-                     kv_heads=max(1, m.num_query_groups // tp), head_dim=m.head_dim,
-                     dtype_bytes=2 if m.dtype == "bf16" else 4)
+def attention_layer_time(name: str, w: AttnWorkload, cluster: Cluster, cp: int,
+                         balance: DocBalance | None = None) -> tuple[float, float, float, float]:
+    """(time, compute, exposed transfers, forward time) of one attention layer, forward + backward, of
+    scheme `name` (a simulator name) over `cp` ranks, corrected for the documents' `balance`."""
+    balance = balance or DocBalance()
     if cp == 1:
         name = "ring"  # one rank: the ring model with one step is the local kernel
     lt = layer_time(name, w, cluster, cp)
@@ -93,6 +90,15 @@ def _attention(name: str, cfg, cluster: Cluster, balance: DocBalance) -> tuple[f
         total = lt.total_s - lt.compute_s + compute
     fwd = lt.fwd_s * (total / lt.total_s if lt.total_s > 0 else 1.0)
     return total, compute, max(total - compute, 0.0), fwd
+
+
+def _attention(name: str, cfg, cluster: Cluster, balance: DocBalance) -> tuple[float, float, float, float]:
+    """`attention_layer_time` on this config's heads per tp rank and cp group."""
+    m, par = cfg.model, cfg.parallel
+    w = AttnWorkload(seq=cfg.data.seq_len, heads=m.num_attention_heads // par.tp,
+                     kv_heads=max(1, m.num_query_groups // par.tp), head_dim=m.head_dim,
+                     dtype_bytes=2 if m.dtype == "bf16" else 4)
+    return attention_layer_time(name, w, cluster, par.cp, balance)
 
 
 def sim_scheme_name(scheme: str, ulysses: int = 1) -> str:
@@ -163,4 +169,4 @@ def estimate_step(cfg, cluster: Cluster, balance: DocBalance | None = None,
                         grad_sync_s=grad, mem_bytes=mem, fits=mem <= budget, balance=balance)
 
 
-__all__ = ["DocBalance", "StepEstimate", "estimate_step", "sim_scheme_name"]
+__all__ = ["DocBalance", "StepEstimate", "attention_layer_time", "estimate_step", "sim_scheme_name"]
