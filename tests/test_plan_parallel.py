@@ -69,3 +69,15 @@ def test_the_written_config_loads_and_trains(ranks, tmp_path, capsys):
     assert len(losses) == 2 and all(x == x for x in losses)
     assert cli_main(args) == 2  # nothing a user made is overwritten unasked
     assert "exists; pass --force" in capsys.readouterr().err
+
+
+def test_the_validation_grid_and_its_verdicts():
+    from distattn.plan.validate import CANDIDATES, Setting, cpu_cluster, judge, predict, settings
+    grid = settings()
+    assert len(grid) >= 12 and all(sum(s.doc_lens) == s.seq_len for s in grid if s.doc_lens)
+    pred = predict(Setting("3:1", 4096, [3072, 1024]), cpu_cluster(2e10))
+    assert set(pred) == set(CANDIDATES) and all(t > 0 for t in pred.values())
+    # doc_zigzag splits each document over both ranks: never more work than zigzag's halves
+    assert pred["ring@doc_zigzag"] <= pred["ring"] * 1.0001
+    v = judge(Setting("x", 8), {"a": 1.0, "b": 2.0}, {"a": 1.1, "b": 1.0})
+    assert (v.choice, v.best) == ("a", "b") and abs(v.loss - 0.1) < 1e-12
