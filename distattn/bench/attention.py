@@ -18,13 +18,18 @@ Peers run in the same job on the same inputs: DeepSpeed-Ulysses
 (`deepspeed.sequence.layer.DistributedAttention` around our local kernel; its
 all-to-alls go through DeepSpeed's backend, which `comm.ledgered_backend`
 counts in the same ledger, so its bytes, exposed time and overlap are measured
-like ours) and a plain,
-non-balanced ring (`ring` with the contiguous layout).
+like ours), a plain,
+non-balanced ring (`ring` with the contiguous layout), and ring-flash-attn's
+zigzag ring on the same CPU kernel as ours (`peer_ring.py`: a small shim gives
+it flash-attn's kernel entry points; it runs one document, causal, with
+seq_len divisible by 2W, and is skipped with a message otherwise or when not
+installed). The table's footer gives our ring's time over that peer's.
 """
 from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -33,7 +38,7 @@ from distattn.bench.timing import random_qkvdo, timed_steps
 from distattn.comm import Comm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PEERS = ("deepspeed-ulysses", "ring-unbalanced")
+PEERS = ("deepspeed-ulysses", "ring-unbalanced", "ring-flash-attn")
 
 
 @dataclass
@@ -113,6 +118,20 @@ def _ds_ulysses_step(spec: BenchSpec, group):
     return attn
 
 
+def _peer_ring_step(spec: BenchSpec, group, ledger, q, k, v, do):
+    """ring-flash-attn's zigzag ring on our zigzag shards (its layout too): a fwd+bwd callable."""
+    import distattn
+    from distattn.bench.peer_ring import counted, zigzag_attention
+
+    ql, kl, vl, dl = (distattn.shard(x, scheme="ring", group=group) for x in (q, k, v, do))
+
+    def step():  # its point-to-point traffic is counted in our ledger while it runs
+        a, b, c = (x.detach().requires_grad_(True) for x in (ql, kl, vl))
+        with counted(ledger):
+            zigzag_attention(a, b, c, group).backward(dl)
+    return step
+
+
 def _rank_bench(spec: BenchSpec, name: str) -> dict:
     import torch.distributed as dist
 
@@ -126,7 +145,9 @@ def _rank_bench(spec: BenchSpec, name: str) -> dict:
     cu = spec.cu_seqlens
     ledger = CommLedger()
 
-    if name == "deepspeed-ulysses":
+    if name == "ring-flash-attn":
+        step = _peer_ring_step(spec, group, ledger, q, k, v, do)
+    elif name == "deepspeed-ulysses":
         attn = _ds_ulysses_step(spec, group)
         from deepspeed.comm import comm as ds_comm
 
@@ -226,6 +247,12 @@ def run_attention_bench(spec: BenchSpec, pool=None) -> tuple[list[Row], float]:
     try:
         single = _single_process_time(spec)
         for name in spec.schemes:
+            if name == "ring-flash-attn":
+                from distattn.bench.peer_ring import peer_problem
+                why = peer_problem(spec.seq_len, spec.world_size, spec.causal, spec.doc_lens)
+                if why:
+                    print(f"skipping peer ring-flash-attn: {why}", file=sys.stderr, flush=True)
+                    continue
             res = [RankResult(**r) for r in pool.run(_rank_bench, spec, name, timeout=3600)]
             slowest = max(res, key=lambda r: r.compute_s)
             crit = slowest.compute_s
@@ -265,7 +292,17 @@ def format_table(rows: list[Row], single: float, spec: BenchSpec) -> str:
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     body = [fmt.format(*line) for line in lines]
     body.insert(1, "-" * len(body[0]))
-    return head + "\n".join(body) + "\n" + overlap_footer(rows)
+    return head + "\n".join(body) + "\n" + peer_ratio_footer(rows) + overlap_footer(rows)
+
+
+def peer_ratio_footer(rows: list[Row]) -> str:
+    """Our zigzag ring's time over ring-flash-attn's (same kernel, same job), where both ran."""
+    by = {r.scheme: r for r in rows}
+    ours, peer = by.get("ring"), by.get("ring-flash-attn")
+    if ours is None or peer is None or not peer.critical_compute_s or not peer.wall_s:
+        return ""
+    return (f"ring / ring-flash-attn (same kernel, same job): critical compute "
+            f"{ours.critical_compute_s / peer.critical_compute_s:.3f}x, wall {ours.wall_s / peer.wall_s:.3f}x\n")
 
 
 def overlap_footer(rows: list[Row]) -> str:

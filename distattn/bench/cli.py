@@ -49,7 +49,8 @@ def cmd_bench_attention(args) -> int:
                      dtype=b.dtype, causal=b.causal, doc_lens=b.doc_lens, schemes=list(b.schemes),
                      iters=b.iters, warmup=b.warmup, world_size=b.world_size)
     if args.peers:
-        spec.schemes += [p for p in ("ring-unbalanced", "deepspeed-ulysses") if p not in spec.schemes]
+        from distattn.config import BENCH_PEERS
+        spec.schemes += [p for p in BENCH_PEERS if p not in spec.schemes]
     rows, single = run_attention_bench(spec)
     print(format_table(rows, single, spec))
     write_json(args.json, {"spec": asdict(spec), "single_s": single, "rows": [asdict(r) for r in rows]})
@@ -130,7 +131,8 @@ def add_parser(sub) -> None:
                          formatter_class=HelpFormatter)
     add_config_args(ba)
     ba.add_argument("--peers", action="store_true",
-                    help="also run DeepSpeed-Ulysses and a non-balanced ring in the same job")
+                    help="also run DeepSpeed-Ulysses, a non-balanced ring and ring-flash-attn's zigzag ring "
+                         "(on our CPU kernel) in the same job")
     ba.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     ba.set_defaults(fn=cmd_bench_attention)
     bl = bsub.add_parser("linear", help="linear attention (lasp2, lasp1) next to softmax (ring, "

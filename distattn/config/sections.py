@@ -19,7 +19,7 @@ from distattn.config.errors import ConfigError, _describe, _did_you_mean
 SCHEMES = ("ring", "allgather", "ulysses", "usp", "lasp2", "lasp1", "local", "cad", "hetero")
 LAYOUTS = ("zigzag", "contiguous", "doc_zigzag", "weighted")
 LINEAR_SCHEMES = ("lasp2", "lasp1", "local")
-BENCH_PEERS = ("ring-unbalanced", "deepspeed-ulysses")
+BENCH_PEERS = ("ring-unbalanced", "deepspeed-ulysses", "ring-flash-attn")
 DATA_SOURCES = ("stdlib", "text_dir", "jsonl", "megatron", "synthetic")
 LAYER_KINDS = "NLDK"  # N: softmax attention, L: linear attention, D: Gated DeltaNet, K: Kimi Delta Attention
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
