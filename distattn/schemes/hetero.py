@@ -37,13 +37,17 @@ the token rows of rank i's K/V that rank j needs for group G, |G| its KV heads,
                       what I fetched, sent home)
 `comm_bytes` evaluates this from the same plan, so it equals the ledger.
 
-Kernels: the blockwise path of `kernels.softmax` (`block_forward` /
-`block_backward` over planned rectangles and causal squares). On CUDA the same
-path runs on CUDA tensors through the CUDA backends (SDPA / flash-attn): it is
-exact, but it issues a few small kernel calls per query block and head class,
-so on a GPU it is bound by launch overhead and much slower than one dense
-kernel. A fused block-sparse kernel (a flex_attention block mask, or one varlen
-call over per-block gathered keys) is the missing fast GPU path.
+Kernels, chosen at run time by DISTATTN_HETERO_KERNEL=auto|blocks|flex (logged once):
+- blocks (CPU default): the blockwise path of `kernels.softmax` (`block_forward` /
+  `block_backward` over planned rectangles and causal squares), written above. It
+  also runs on CUDA tensors (SDPA / flash-attn) and is exact there, but it issues
+  a few small kernel calls per query block and head class, so on a GPU it is
+  bound by launch overhead (on an H100, 3.3 s fwd+bwd at 16K tokens against 13.7 ms
+  for one dense call, docs/benchmarks.md);
+- flex (CUDA default when torch has flex_attention): `hetero_fused.py`, one
+  flex_attention call per head class and KV group over its own and fetched keys
+  with a BlockMask from the same pattern, the same messages through an autograd
+  Function. Unmeasured on a GPU so far.
 
 Layouts: any (zigzag by default; `weighted` with `layout_weights` for uneven
 devices). The weighted layout balances *dense* causal cost; a sparse pattern's
@@ -105,10 +109,11 @@ def _unit_kv(plan: HeteroPlan, u: _Unit, part: str, kv_local, src, ix):
     return _group_kv(src[u.group], ix["rem"][(u.cls, u.group)], u.hpos)
 
 
-def hetero_forward(comm: Comm, q, k, v, plan: HeteroPlan, scale: float):
-    """fp32 (out, lse) of local q, plus the fetched K/V per group (kept for backward)."""
-    ix = plan.index(q.device)
-    kv = torch.stack((k, v), dim=1)  # [T, 2, Hkv, D]
+def post_fetch(comm: Comm, kv: torch.Tensor, plan: HeteroPlan):
+    """Post the forward exchange: to every peer, the rows of my K/V ([T, 2, Hkv, D]) each of
+    its groups needs; from every peer, mine into `src[gi]` ([rows, 2, |group|, D], peers in
+    rank order). Returns (pending, src); src is filled once `pending.wait()` returns."""
+    ix = plan.index(kv.device)
     sends, recvs, src = [], [], []
     for gi, g in enumerate(plan.groups):
         src.append(kv.new_empty((plan.src_rows[gi], 2, len(g), kv.shape[-1])))
@@ -121,7 +126,41 @@ def hetero_forward(comm: Comm, q, k, v, plan: HeteroPlan, scale: float):
             at, n = plan.recv_off[(j, gi)]
             if n:
                 recvs.append((src[gi][at:at + n], j))
-    pending = comm.exchange(sends, recvs)  # travels while the own part is computed
+    return comm.exchange(sends, recvs), src
+
+
+def post_grads_home(comm: Comm, dsrc: Sequence[torch.Tensor], plan: HeteroPlan, head_dim: int,
+                    device: torch.device):
+    """Post the backward exchange: the fp32 dK/dV of the rows I fetched (`dsrc[gi]`, laid out
+    as `src[gi]`) go to their owners; the dK/dV of my rows that peers fetched come back.
+    Returns (pending, homes) for `add_grads_home`."""
+    f32 = torch.float32
+    sends, homes = [], []
+    for j in range(plan.world):
+        if j == plan.rank:
+            continue
+        for gi, g in enumerate(plan.groups):
+            at, n = plan.recv_off[(j, gi)]
+            if n:
+                sends.append((dsrc[gi][at:at + n], j))
+            m = plan.send_count[(j, gi)]
+            if m:
+                homes.append((torch.empty((m, 2, len(g), head_dim), dtype=f32, device=device), (j, gi)))
+    return comm.exchange(sends, [(t, j) for t, (j, _) in homes]), homes
+
+
+def add_grads_home(dkv: torch.Tensor, got: Sequence[torch.Tensor], homes, plan: HeteroPlan) -> None:
+    """Add the dK/dV peers sent home (`post_grads_home`) into my fp32 [T, 2, Hkv, D] dkv."""
+    ix = plan.index(dkv.device)
+    for t, (_, (j, gi)) in zip(got, homes):
+        _add_rows(dkv, ix["send"][(j, gi)], plan.groups[gi], t)
+
+
+def hetero_forward(comm: Comm, q, k, v, plan: HeteroPlan, scale: float):
+    """fp32 (out, lse) of local q, plus the fetched K/V per group (kept for backward)."""
+    ix = plan.index(q.device)
+    kv = torch.stack((k, v), dim=1)  # [T, 2, Hkv, D]
+    pending, src = post_fetch(comm, kv, plan)  # travels while the own part is computed
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     for part in ("own", "rem"):
@@ -172,26 +211,12 @@ def hetero_backward(comm: Comm, dout, q, k, v, out, lse, src, plan: HeteroPlan, 
         calls = plan.calls_rem[u.cls]
         if calls:
             _add_rows(dsrc[u.group], ix["rem"][(u.cls, u.group)], u.hpos, run("rem", u, calls))
-    sends, recvs = [], []
-    for j in range(plan.world):
-        if j == plan.rank:
-            continue
-        for gi, g in enumerate(plan.groups):
-            at, n = plan.recv_off[(j, gi)]
-            if n:
-                sends.append((dsrc[gi][at:at + n], j))
-            m = plan.send_count[(j, gi)]
-            if m:
-                recvs.append((torch.empty((m, 2, len(g), kv.shape[-1]), dtype=f32, device=kv.device),
-                              (j, gi)))
-    pending = comm.exchange(sends, [(t, j) for t, (j, _) in recvs])  # home while own part runs
+    pending, homes = post_grads_home(comm, dsrc, plan, kv.shape[-1], kv.device)  # home while own part runs
     for u in plan.units:
         calls = plan.calls_own[u.cls]
         if calls:
             _add_rows(dkv, ix["own"][u.cls], u.kv_heads, run("own", u, calls))
-    got = pending.wait()
-    for t, (_, (j, gi)) in zip(got, recvs):
-        _add_rows(dkv, ix["send"][(j, gi)], plan.groups[gi], t)
+    add_grads_home(dkv, pending.wait(), homes, plan)
     return dq, dkv[:, 0], dkv[:, 1]
 
 
@@ -277,7 +302,12 @@ class Hetero(Scheme):
         if q.shape[0] != plan.sizes[comm.rank]:
             raise ValueError(f"rank {comm.rank} holds {q.shape[0]} tokens but the {self.layout_name} "
                              f"layout of {n} tokens gives it {plan.sizes[comm.rank]}")
-        return _HeteroAttention.apply(q, k, v, comm, plan, default_scale(q.shape[-1], softmax_scale))
+        scale = default_scale(q.shape[-1], softmax_scale)
+        from distattn.schemes import hetero_fused  # imports this module
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        if hetero_fused.hetero_kernel(q.device, grad) == "flex":
+            return hetero_fused.fused_attention(q, k, v, comm, plan, scale, hetero_fused.flex_kernel)
+        return _HeteroAttention.apply(q, k, v, comm, plan, scale)
 
     def comm_bytes(self, shape: AttnShape, world: int, rank: int = 0, causal: bool = True) -> CommVolume:
         self.validate(heads=shape.heads, kv_heads=shape.kv_heads, world=world)

@@ -193,6 +193,7 @@ class HeteroPlan:
     def __init__(self, pat: HeteroPattern, heads: int, kv_heads: int, causal: bool,
                  peer_runs: Sequence[list[Run]], rank: int):
         self.rank, self.world = rank, len(peer_runs)
+        self.pattern, self.causal = pat, causal
         self.heads, self.kv_heads = heads, kv_heads
         W = self.world
         self.sizes = [sum(r.length for r in runs) for runs in peer_runs]
@@ -256,6 +257,9 @@ class HeteroPlan:
 
         # per class: own and fetched virtual buffers, their calls and row indices
         qp = pieces[rank]
+        self.q_pieces: list[Piece] = qp
+        # per class: the pieces of its own and of its fetched virtual buffer, in buffer order
+        self.key_pieces: dict[int | None, tuple[list[Piece], list[Piece]]] = {}
         self.calls_own: dict = {}
         self.calls_rem: dict = {}
         self.idx_own: dict = {}
@@ -264,6 +268,7 @@ class HeteroPlan:
         for c in self.classes:
             own = _virtual(pat, c, [p for p in mine[c] if p.owner == rank])
             rem = _virtual(pat, c, [p for p in mine[c] if p.owner != rank])
+            self.key_pieces[c] = (own.pieces, rem.pieces)
             self.calls_own[c] = _calls(pat, own, qp, causal)
             self.calls_rem[c] = _calls(pat, rem, qp, causal)
             self.idx_own[c] = _ranges_tensor([(p.local_start, p.length) for p in own.pieces])
@@ -286,6 +291,7 @@ class HeteroPlan:
                                             [ks.index(g) for g in gs]))
         self.q_heads_of = {c: sum(1 for h in q_cls if h == c) for c in self.classes}
         self._dev: dict = {}
+        self.derived: dict = {}  # what other compute paths build from the plan (per device), cached with it
 
     # -- accounting ---------------------------------------------------------------
     @property
