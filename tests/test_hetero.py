@@ -8,7 +8,8 @@
 - work: the pairs the kernels compute equal the mask's pairs exactly, and the
   bytes in the ledger equal the K/V rows the mask needs from other ranks exactly
   (so both fractions equal the mask densities), and equal `comm_bytes`;
-- uneven devices: ring and allgather with the weighted layout, weights (2, 1).
+- uneven devices: ring and allgather with the weighted layout, weights (2, 1);
+- `distattn bench hetero`'s runner on CPU, and the runs it refuses (device, kernel).
 """
 from __future__ import annotations
 
@@ -305,3 +306,24 @@ def test_trainer_step_cp2_equals_cp1(ranks, tmp_path):
     (l2, p2), = [r for r in ranks(2, one_step, two.model_dump()) if r is not None]
     assert l1[0] == pytest.approx(l2[0], rel=1e-5)
     torch.testing.assert_close(p2, p1, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def test_bench_runs_on_cpu_and_refuses_what_it_cannot_run(ranks):
+    from distattn.bench.hetero import HeteroBenchSpec, format_table, run_hetero_bench
+    spec = HeteroBenchSpec(lengths=[256], heads=4, kv_heads=4, head_dim=16, world_size=2, iters=1,
+                           warmup=0, hetero=dict(block=16, stride=4))
+    row, = run_hetero_bench(spec, pool=ranks.pool(2))
+    assert row.kernel == "blocks" and 0 < row.density < 1 and row.hetero_bytes < row.ring_bytes
+    assert row.vs_density == pytest.approx(row.hetero_compute_s / (row.density * row.ring_compute_s))
+    assert "device=cpu hetero kernel=blocks" in format_table([row], spec)
+    with pytest.raises(ValueError, match="device must be one of cpu, cuda, got 'tpu'"):
+        HeteroBenchSpec(device="tpu")
+    with pytest.raises(ValueError, match="kernel must be one of auto, blocks, flex"):
+        HeteroBenchSpec(kernel="fused")
+    with pytest.raises(ValueError, match="kernel='flex' needs device='cuda'"):
+        HeteroBenchSpec(kernel="flex").check_devices()
+    if torch.cuda.device_count() < 64:
+        with pytest.raises(ValueError, match="one GPU per rank: world_size=64"):
+            HeteroBenchSpec(device="cuda", world_size=64).check_devices()
