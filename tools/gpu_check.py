@@ -50,7 +50,7 @@ for p in (str(ROOT), str(HERE)):  # distattn from this checkout; kernel_bench be
 
 PARTS = ("env", "exact", "kernels", "train", "delta")
 # seconds per part on the full run, and for all parts together (tools/gpu_check.sh adds the install)
-BUDGET_S = {"env": 45, "exact": 120, "kernels": 90, "train": 120, "delta": 90}
+BUDGET_S = {"env": 45, "exact": 120, "kernels": 90, "train": 90, "delta": 90}
 TOTAL_BUDGET_S = 400
 QUICK_BUDGET_S = 300  # the CPU dry run takes seconds; this only stops a hang
 CHILD_GRACE_S = 30  # a child process past its budget by this much is killed
@@ -71,7 +71,7 @@ SHAPES = {
     "quick": dict(
         softmax={"docs_gqa": (203, 8, 2, 16, [0, 3, 120, 121, 170, 203])},
         hetero=dict(n=203, h=8, hkv=2, d=16, cu=[0, 3, 120, 203],
-                    opts=dict(block=16, local_blocks=2, stride=4, gqa_pattern="q")),
+                    opts=dict(block=32, local_blocks=1, stride=2, gqa_pattern="q")),
         linear=dict(n=203, h=4, hkv=2, d=16, dv=8, cu=[0, 3, 120, 203]),
         delta=dict(n=48, h=2, dk=8, dv=8, cu=[0, 17, 30, 48]),
         kernels=dict(n=256, heads=4, kv_heads=2, head_dim=32, iters=1),
@@ -132,6 +132,19 @@ class Budget:
         return self.deadline - time.monotonic()
 
 
+_PARTIAL: dict = {"path": None}  # where a child process keeps its results so far
+
+
+def note_progress(**fields) -> None:
+    """Save a part's results so far (child processes only): a part killed at its time limit
+    still reports the cases it finished."""
+    path = _PARTIAL["path"]
+    if path:
+        tmp = Path(path + ".tmp")
+        tmp.write_text(json.dumps(fields, default=str))
+        tmp.replace(path)
+
+
 @contextlib.contextmanager
 def world_of_one(backend: str = "gloo"):
     """A default process group of one rank (an in-memory store: no port), unless one exists."""
@@ -144,6 +157,20 @@ def world_of_one(backend: str = "gloo"):
         yield
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """os.environ[name] = value inside the block (distattn reads its kernel choices per call)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _sync(device) -> None:
@@ -182,6 +209,7 @@ def part_env(args, budget: Budget) -> dict:
         out.update(gpu=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,
                    gpu_memory_gib=round(p.total_memory / 2**30, 1),
                    cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
                    sdpa_enabled={"flash": torch.backends.cuda.flash_sdp_enabled(),
                                  "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
                                  "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
@@ -216,7 +244,8 @@ def part_env(args, budget: Budget) -> dict:
 def _compare(got, ref, metric: str, tol) -> dict:
     """Errors of `got` against `ref` (both moved to CPU fp64) and whether they are within `tol`.
 
-    metric "close": |got - ref| <= atol + rtol |ref| elementwise (tol a dict);
+    metric "close": |got - ref| <= atol + rtol |ref| elementwise (tol a dict); "bf16": mean |err| at
+    most BF16_MEAN_FACTOR x that of tol["baseline"] and max |err| / max |ref| <= BF16_REL_MAX;
     "max": max |err| / max |ref| < tol; "norm": ||err|| / ||ref|| < tol.
     """
     import torch
@@ -237,8 +266,8 @@ def _compare(got, ref, metric: str, tol) -> dict:
             res["baseline_mean_abs"] = float(base.mean())
             res["baseline_max_abs"] = float(base.max())
             res["test_tol_ok"] = res["ok"]
-            res["ok"] = (res["finite"] and res["mean_abs"] <= BF16_MEAN_FACTOR * res["baseline_mean_abs"] + 1e-6 * top
-                         and res["rel_max"] <= BF16_REL_MAX)
+            mean_ok = res["mean_abs"] <= BF16_MEAN_FACTOR * res["baseline_mean_abs"] + 1e-6 * top
+            res["ok"] = res["finite"] and mean_ok and res["rel_max"] <= BF16_REL_MAX
     else:
         res["ok"] = res["finite"] and res["rel_max" if metric == "max" else "rel_norm"] < tol
     return res
@@ -252,9 +281,10 @@ def _softmax_inputs(n, h, hkv, d, dtype, seed=0):
 
 def _reference_grads(fn, leaves, dout):
     """fn(*leaves) and the gradients of <fn, dout> in every leaf, on CPU."""
+    import torch
     xs = [x.detach().clone().requires_grad_(True) for x in leaves]
     out = fn(*xs)
-    grads = __import__("torch").autograd.grad(out, xs, dout.to(out.dtype))
+    grads = torch.autograd.grad(out, xs, dout.to(out.dtype))
     return [out.detach()] + list(grads)
 
 
@@ -293,6 +323,27 @@ def _run_softmax(scheme, q, k, v, do, cu, dev):
     _sync(dev)
     idx = scheme.layout(n, 1, cu).indices(0)
     return idx, [out.detach(), *(x.grad for x in leaves)], str(out.dtype)
+
+
+def _linear_target(name: str, n: int, cu):
+    """What linear_attention takes for scheme `name` and the token indices rank 0 holds at W=1."""
+    import distattn
+    scheme = "local" if name == "local" else distattn.get_scheme(name)
+    lay = distattn.get_scheme(name).layout(n, 1, cu)  # "local": the softmax local's layout, the same tokens
+    return scheme, lay.indices(0)
+
+
+def _fla_kernels(dev, rule: str) -> tuple[str, ...]:
+    """The kernels to check for `rule` on `dev`: ours, and flash-linear-attention's where installed."""
+    if dev.type != "cuda":
+        return ("torch",)
+    if rule == "decay":
+        from distattn.kernels.linear_fla import _fla_simple_gla
+        have = _fla_simple_gla() is not None
+    else:
+        from distattn.kernels.delta_backends import _fla_ops
+        have = _fla_ops() is not None and _fla_ops().get(rule) is not None
+    return ("torch", "fla") if have else ("torch",)
 
 
 def _softmax_specs():
@@ -349,30 +400,10 @@ def exact_cases(args, shapes) -> list[tuple[str, dict, callable]]:
                 label = name + "".join(f"-{v}" for v in opts.values())
                 cases.append((f"softmax {label} {case} {dtn}", dict(kind="softmax", scheme=name, opts=opts,
                               shape=case, dtype=dtn, n=n, heads=h, kv_heads=hkv, head_dim=d, cu_seqlens=cu), run))
-        # hetero: per-head sparse pattern against the dense reference under the same mask
-        hs = shapes["hetero"]
-
-        def run_hetero(hs=hs, dt=dt, dtn=dtn):
-            from distattn.kernels.sparse import masked_reference
-            from distattn.schemes.hetero import Hetero
-            n, h, hkv, d, cu = hs["n"], hs["h"], hs["hkv"], hs["d"], hs["cu"]
-            scheme = Hetero(**hs["opts"])
-            q, k, v, do = _softmax_inputs(n, h, hkv, d, dt)
-            mask = scheme.pattern.token_mask(n, h, hkv, cu, True)
-            want = cached(("hetero", dtn), lambda: _reference_grads(
-                lambda a, b, c: masked_reference(a, b, c, mask), (q, k, v), do.float()))
-            base = None
-            if dtn == "bf16":
-                base = cached(("hetero-bf16",), lambda: _reference_grads(_bf16_dense(mask), (q, k, v), do))
-            idx, got, _ = _run_softmax(scheme, q, k, v, do, cu, dev)
-            return _softmax_errors(got, want, idx, dtn, base)
-        cases.append((f"softmax hetero docs_gqa {dtn}", dict(kind="softmax", scheme="hetero", opts=hs["opts"],
-                      shape="docs_gqa", dtype=dtn, n=hs["n"], heads=hs["h"], kv_heads=hs["hkv"],
-                      head_dim=hs["d"], cu_seqlens=hs["cu"]), run_hetero))
         # linear attention (decay rule), per-head decay, documents, GQA
         ls = shapes["linear"]
-        for name in LINEAR_SCHEMES:
-            def run_linear(name=name, ls=ls, dt=dt, dtn=dtn):
+        for name, kernel in ((nm, kn) for nm in LINEAR_SCHEMES for kn in _fla_kernels(dev, "decay")):
+            def run_linear(name=name, kernel=kernel, ls=ls, dt=dt, dtn=dtn):
                 n, h, hkv, d, dv, cu = ls["n"], ls["h"], ls["hkv"], ls["d"], ls["dv"], ls["cu"]
                 g = torch.Generator().manual_seed(1)
                 q, k = (torch.randn(n, m, d, generator=g).to(dt) for m in (h, hkv))
@@ -382,51 +413,77 @@ def exact_cases(args, shapes) -> list[tuple[str, dict, callable]]:
                 want = cached(("linear", dtn), lambda: _reference_grads(
                     lambda a, b, c: reference_linear_attention(a, b, c, cu, decay, None),
                     [x.double() for x in (q, k, v)], do.double()))
-                scheme = distattn.get_scheme(name) if name != "local" else "local"
+                scheme, idx = _linear_target(name, n, cu)
                 loc = [distattn.shard(x, scheme=scheme, cu_seqlens=cu).to(dev) for x in (q, k, v, do)]
                 leaves = [x.requires_grad_(True) for x in loc[:3]]
-                out = distattn.linear_attention(*leaves, scheme=scheme, cu_seqlens=cu, decay=decay.to(dev),
-                                                n_tokens=n)
-                out.backward(loc[3])
+                with _env("DISTATTN_LINEAR_KERNEL", kernel):
+                    out = distattn.linear_attention(*leaves, scheme=scheme, cu_seqlens=cu, decay=decay.to(dev),
+                                                    n_tokens=n)
+                    out.backward(loc[3])
                 _sync(dev)
-                lay = (distattn.get_scheme(name) if name != "local" else distattn.get_scheme("local")).layout(n, 1, cu)
-                idx = lay.indices(0)
                 return {t: _compare(gt, w[idx], "max", LINEAR_TOL[dtn]) for t, gt, w in
                         zip(("out", "dq", "dk", "dv"), [out, *(x.grad for x in leaves)], want)}
-            cases.append((f"linear {name} decay {dtn}", dict(kind="linear", scheme=name, rule="decay", dtype=dtn,
+            cases.append((f"linear {name} decay/{kernel} {dtn}", dict(
+                          kind="linear", scheme=name, rule="decay", kernel=kernel, dtype=dtn,
                           n=ls["n"], heads=ls["h"], kv_heads=ls["hkv"], head_dim=ls["d"], cu_seqlens=ls["cu"]),
                           run_linear))
         # the delta rule (Gated DeltaNet, Kimi Delta Attention) on the same three schemes
         ds = shapes["delta"]
-        for rule in DELTA_RULES:
-            for name in LINEAR_SCHEMES:
-                def run_delta(name=name, rule=rule, ds=ds, dt=dt, dtn=dtn):
-                    n, h, dk, dv, cu = ds["n"], ds["h"], ds["dk"], ds["dv"], ds["cu"]
-                    g = torch.Generator().manual_seed(2)
-                    f64 = torch.float64
-                    q = torch.randn(n, h, dk, generator=g, dtype=f64)
-                    k = torch.nn.functional.normalize(torch.randn(n, h, dk, generator=g, dtype=f64), dim=-1)
-                    v = torch.randn(n, h, dv, generator=g, dtype=f64)
-                    gate = 0.5 + 0.5 * torch.rand(n, h, *((dk,) if rule == "kda" else ()), generator=g, dtype=f64)
-                    beta = torch.rand(n, h, generator=g, dtype=f64)
-                    do = torch.randn(n, h, dv, generator=g, dtype=f64)
-                    xs = [x.to(dt) for x in (q, k, v, gate, beta, do)]  # rounded to the tested dtype
-                    want = cached(("delta", rule, dtn), lambda: _reference_grads(
-                        lambda *a: delta_rule_reference(*a, cu_seqlens=cu)[0], [x.double() for x in xs[:5]],
-                        xs[5].double()))
-                    scheme = distattn.get_scheme(name) if name != "local" else "local"
-                    loc = [distattn.shard(x, scheme=scheme, cu_seqlens=cu).to(dev) for x in xs]
-                    leaves = [x.requires_grad_(True) for x in loc[:5]]
+        for rule, name, kernel in ((r, nm, kn) for r in DELTA_RULES for nm in LINEAR_SCHEMES
+                                   for kn in _fla_kernels(dev, r)):
+            def run_delta(name=name, rule=rule, kernel=kernel, ds=ds, dt=dt, dtn=dtn):
+                n, h, dk, dv, cu = ds["n"], ds["h"], ds["dk"], ds["dv"], ds["cu"]
+                g = torch.Generator().manual_seed(2)
+                f64 = torch.float64
+                q = torch.randn(n, h, dk, generator=g, dtype=f64)
+                k = torch.nn.functional.normalize(torch.randn(n, h, dk, generator=g, dtype=f64), dim=-1)
+                v = torch.randn(n, h, dv, generator=g, dtype=f64)
+                gate = 0.5 + 0.5 * torch.rand(n, h, *((dk,) if rule == "kda" else ()), generator=g, dtype=f64)
+                beta = torch.rand(n, h, generator=g, dtype=f64)
+                do = torch.randn(n, h, dv, generator=g, dtype=f64)
+                xs = [x.to(dt) for x in (q, k, v, gate, beta, do)]  # rounded to the tested dtype
+                want = cached(("delta", rule, dtn), lambda: _reference_grads(
+                    lambda *a: delta_rule_reference(*a, cu_seqlens=cu)[0], [x.double() for x in xs[:5]],
+                    xs[5].double()))
+                scheme, idx = _linear_target(name, n, cu)
+                loc = [distattn.shard(x, scheme=scheme, cu_seqlens=cu).to(dev) for x in xs]
+                leaves = [x.requires_grad_(True) for x in loc[:5]]
+                with _env("DISTATTN_DELTA_KERNEL", kernel):
                     out = distattn.linear_attention(*leaves[:3], scheme=scheme, cu_seqlens=cu, rule=rule,
                                                     gate=leaves[3], beta=leaves[4], n_tokens=n)
                     out.backward(loc[5])
-                    _sync(dev)
-                    lay = (distattn.get_scheme(name) if name != "local" else distattn.get_scheme("local")).layout(n, 1, cu)
-                    idx = lay.indices(0)
-                    return {t: _compare(gt, w[idx], "norm", DELTA_TOL[dtn]) for t, gt, w in
-                            zip(("out", "dq", "dk", "dv", "dgate", "dbeta"), [out, *(x.grad for x in leaves)], want)}
-                cases.append((f"linear {name} {rule} {dtn}", dict(kind="delta", scheme=name, rule=rule, dtype=dtn,
-                              n=ds["n"], heads=ds["h"], head_dim=ds["dk"], cu_seqlens=ds["cu"]), run_delta))
+                _sync(dev)
+                return {t: _compare(gt, w[idx], "norm", DELTA_TOL[dtn]) for t, gt, w in
+                        zip(("out", "dq", "dk", "dv", "dgate", "dbeta"), [out, *(x.grad for x in leaves)], want)}
+            cases.append((f"linear {name} {rule}/{kernel} {dtn}", dict(
+                          kind="delta", scheme=name, rule=rule, kernel=kernel, dtype=dtn,
+                          n=ds["n"], heads=ds["h"], head_dim=ds["dk"], cu_seqlens=ds["cu"]), run_delta))
+    # hetero last (flex_attention compiles on its first CUDA call): the per-head sparse pattern
+    # against the dense reference under the same mask, through each of its kernels here
+    hs = shapes["hetero"]
+    het_kernels = ("blocks", "flex") if dev.type == "cuda" else ("blocks",)  # flex has no CPU backward
+    for dtn in ("fp32", "bf16"):
+        dt = _dtype(dtn)
+        for kernel in het_kernels:
+            def run_hetero(hs=hs, dt=dt, dtn=dtn, kernel=kernel):
+                from distattn.kernels.sparse import masked_reference
+                from distattn.schemes.hetero import Hetero
+                n, h, hkv, d, cu = hs["n"], hs["h"], hs["hkv"], hs["d"], hs["cu"]
+                scheme = Hetero(**hs["opts"])
+                q, k, v, do = _softmax_inputs(n, h, hkv, d, dt)
+                mask = scheme.pattern.token_mask(n, h, hkv, cu, True)
+                want = cached(("hetero", dtn), lambda: _reference_grads(
+                    lambda a, b, c: masked_reference(a, b, c, mask), (q, k, v), do.float()))
+                base = None
+                if dtn == "bf16":
+                    base = cached(("hetero-bf16",), lambda: _reference_grads(_bf16_dense(mask), (q, k, v), do))
+                with _env("DISTATTN_HETERO_KERNEL", kernel):
+                    idx, got, _ = _run_softmax(scheme, q, k, v, do, cu, dev)
+                return _softmax_errors(got, want, idx, dtn, base)
+            cases.append((f"softmax hetero-{kernel} docs_gqa {dtn}", dict(
+                kind="softmax", scheme="hetero", opts={**hs["opts"], "kernel": kernel}, shape="docs_gqa",
+                dtype=dtn, n=hs["n"], heads=hs["h"], kv_heads=hs["hkv"], head_dim=hs["d"],
+                cu_seqlens=hs["cu"]), run_hetero))
     return cases
 
 
@@ -450,6 +507,7 @@ def part_exact(args, budget: Budget) -> dict:
             if row["status"] != "ok":
                 print(f"  exact: {label}: {row['status']} {row.get('error', '')}", flush=True)
             results.append(row)
+            note_progress(cases=results)
     counts = collections.Counter(r["status"] for r in results)
     worst = {}
     for r in results:
@@ -473,11 +531,16 @@ def part_kernels(args, budget: Budget) -> dict:
     backends = ["auto"]
     if dev.type == "cuda":  # each CUDA backend by name too; one not installed is recorded as unavailable
         backends += ["cuda-sdpa", "flash-attn"]
+    done: list = []
+
+    def on_row(r):
+        print("  " + kernel_bench.format_row(r), flush=True)
+        done.append(r)
+        note_progress(rows=done)
     rows = kernel_bench.run_bench(dev, n=ks["n"], heads=ks["heads"], kv_heads=ks["kv_heads"],
                                   head_dim=ks["head_dim"], dtype="bf16", iters=ks["iters"],
                                   sdpa=("flash", "efficient", "cudnn"), block_backends=backends,
-                                  deadline=budget.deadline,
-                                  on_row=lambda r: print("  " + kernel_bench.format_row(r), flush=True))
+                                  deadline=budget.deadline, on_row=on_row)
     ok = [r for r in rows if r.get("status") == "ok"]
     best_sdpa = max((r for r in ok if r.get("kind") == "sdpa"), key=lambda r: r["fwd_tflops"], default=None)
     block = next((r for r in ok if r.get("name") == "block contiguous/auto"), None)
@@ -558,6 +621,7 @@ def part_train(args, budget: Budget) -> dict:
                     s = tr.train_step()
                     hist.append({"step": s.step, "loss": s.loss, "step_s": s.step_s, "tokens": s.tokens,
                                  "grad_norm": float(s.grad_norm)})
+                    note_progress(**{**out, "steps": hist})
             finally:
                 tr.mesh.destroy()
         out["steps"] = hist
@@ -570,7 +634,8 @@ def part_train(args, budget: Budget) -> dict:
         if dev.type == "cuda":
             out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
         finite = bool(hist) and all(math.isfinite(h["loss"]) for h in hist)
-        out["status"] = "ok" if finite and len(hist) == steps and out["param_device"].startswith(dev.type) else "fail"
+        on_device = out["param_device"].startswith(dev.type)
+        out["status"] = "ok" if finite and len(hist) == steps and on_device else "fail"
     return out
 
 
@@ -652,6 +717,7 @@ def part_delta(args, budget: Budget) -> dict:
             except Exception as e:
                 row.update(status="error", error=_short(e), traceback=traceback.format_exc()[-2000:])
             print(f"  delta: {row['name']}: {row['status']} {row.get('error', '')}", flush=True)
+            note_progress(rows=rows)
         if (rule, "torch") in outs and (rule, "fla") in outs:
             a, b = outs[(rule, "fla")], outs[(rule, "torch")]
             rows[-1]["rel_diff_vs_torch"] = float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -671,8 +737,6 @@ def part_delta(args, budget: Budget) -> dict:
         if budget.spent():
             row.update(status="skipped", error="time budget spent")
             continue
-        old = os.environ.get(LINEAR_ENV)
-        os.environ[LINEAR_ENV] = kernel
         try:
             g = torch.Generator(device=dev).manual_seed(4)
             q, k = (torch.randn(n, h, dk, device=dev, generator=g).to(dt) * dk ** -0.5 for _ in range(2))
@@ -688,19 +752,16 @@ def part_delta(args, budget: Budget) -> dict:
                 a, b, c = (x.detach().requires_grad_(True) for x in (q, k, v))
                 distattn.linear_attention(a, b, c, scheme="local", decay=decay).backward(do)
 
-            lin_out[kernel] = lfwd().float()
-            row["fwd"] = _time_fn(lfwd, dev, iters, budget)
-            row["fwdbwd"] = _time_fn(lfwdbwd, dev, iters, budget)
+            with _env(LINEAR_ENV, kernel):
+                lin_out[kernel] = lfwd().float()
+                row["fwd"] = _time_fn(lfwd, dev, iters, budget)
+                row["fwdbwd"] = _time_fn(lfwdbwd, dev, iters, budget)
             row["fwdbwd_tokens_per_s"] = n / (row["fwdbwd"]["ms"] / 1e3)
             row["status"] = "ok"
         except Exception as e:
             row.update(status="error", error=_short(e), traceback=traceback.format_exc()[-2000:])
-        finally:
-            if old is None:
-                os.environ.pop(LINEAR_ENV, None)
-            else:
-                os.environ[LINEAR_ENV] = old
         print(f"  delta: {row['name']}: {row['status']} {row.get('error', '')}", flush=True)
+        note_progress(rows=rows)
     if "torch" in lin_out and "fla" in lin_out:
         a, b = lin_out["fla"], lin_out["torch"]
         rows[-1]["rel_diff_vs_torch"] = float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -764,12 +825,15 @@ def run_part_child(name: str, args, seconds: float) -> dict:
         finally:
             _CHILDREN.remove(proc)
         reader.join(timeout=5)
+        partial = Path(str(out) + ".partial")
         if out.exists():
             res = json.loads(out.read_text())
-        elif timed_out:
-            res = {"status": "timeout", "error": f"killed after {seconds + CHILD_GRACE_S:.0f} s"}
         else:
-            res = {"status": "error", "error": f"child exited with code {proc.returncode} and no result"}
+            res = json.loads(partial.read_text()) if partial.exists() else {}  # what it finished
+            if timed_out:
+                res.update(status="timeout", error=f"killed after {seconds + CHILD_GRACE_S:.0f} s")
+            else:
+                res.update(status="error", error=f"child exited with code {proc.returncode} before its result")
         if res.get("status") != "ok":
             res["output_tail"] = list(tail)
     res["wall_s"] = round(time.perf_counter() - t0, 3)
@@ -822,7 +886,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="GPU checks for a lent machine; results in one JSON file.")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes: the CPU dry run, seconds")
-    ap.add_argument("--out", default=None, help="the JSON file (default $OUT/gpu_check.json, else runs/gpu_check.json)")
+    ap.add_argument("--out", default=None,
+                    help="the JSON file (default $OUT/gpu_check.json, else runs/gpu_check.json)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     ap.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                     help="run each part in a child process (auto: on CUDA)")
@@ -850,6 +915,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:  # one part for a parent process
+        _PARTIAL["path"] = str(args.child_out) + ".partial"
         res = run_part_here(args.child, args, args.child_budget)
         Path(args.child_out).write_text(json.dumps(res, default=str))
         return 0
