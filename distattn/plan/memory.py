@@ -113,14 +113,35 @@ class MemoryPlan:
         return d
 
 
-def param_count(m) -> int:
-    """Parameters of the GPT model for ModelConfig `m`: embeddings (one matrix when tied), the layers
-    (q/k/v biases where set), the final RMSNorm."""
-    h, d, kv, f, v = m.hidden_size, m.head_dim, m.num_query_groups, m.ffn_hidden_size, m.vocab_size
+CONV_TAPS = 4  # the delta-rule layers' short convolution (distattn.model.conv_halo.KERNEL)
+
+
+def layer_params(m, kind: str = "N") -> int:
+    """Parameters of one layer of `kind`: its token mixer, two RMSNorms and the SwiGLU MLP.
+
+    'N' and 'L' share megatron's attention (q/k/v with their biases where set, the output
+    projection); 'D' (Gated DeltaNet) and 'K' (Kimi Delta Attention) have q/k/v and the output
+    projection over H*d channels, beta per head, the depthwise convolution, A_log and the head norm,
+    and their gates: 'D' a decay and a dt_bias per head and a full-rank output gate, 'K' low-rank
+    (through d) decay and output gates and a dt_bias per channel.
+    """
+    h, H, d, kv, f = m.hidden_size, m.num_attention_heads, m.head_dim, m.num_query_groups, m.ffn_hidden_size
+    common = 2 * h + 3 * h * f
+    if kind in ("D", "K"):
+        hd = H * d
+        mixer = 3 * h * hd + h * H + hd * h + 3 * hd * CONV_TAPS + H + d
+        gates = h * H + h * hd + H if kind == "D" else 2 * (h * d + d * hd) + hd
+        return common + mixer + gates
     qkv = h + 2 * kv * d
-    layer = h * qkv + h * h + 2 * h + h * 2 * f + f * h + (qkv if getattr(m, "qkv_bias", False) else 0)
+    return common + h * qkv + h * h + (qkv if getattr(m, "qkv_bias", False) else 0)
+
+
+def param_count(m) -> int:
+    """Parameters of the GPT model for ModelConfig `m`: embeddings (one matrix when tied), each layer
+    by its kind (`layer_params`), the final RMSNorm."""
+    h, v = m.hidden_size, m.vocab_size
     embeddings = (1 if getattr(m, "tie_embeddings", False) else 2) * v * h
-    return embeddings + m.num_layers * layer + h
+    return embeddings + sum(layer_params(m, k) for k in m.layer_kinds()) + h
 
 
 def _root_params(m) -> int:
@@ -128,14 +149,16 @@ def _root_params(m) -> int:
     return (1 if getattr(m, "tie_embeddings", False) else 2) * m.vocab_size * m.hidden_size + m.hidden_size
 
 
-def _layer_saved(m, s: int, tp: int = 1, sp: bool = False) -> dict[str, float]:
-    """Per-token bytes one transformer layer saves for its backward, by part.
+def _layer_saved(m, s: int, tp: int = 1, sp: bool = False, kind: str = "N", cp: int = 1) -> dict[str, float]:
+    """Per-token bytes one transformer layer of `kind` saves for its backward, by part.
 
     Counted from the tensors autograd keeps (a census of saved tensors of the
     megatron layer with distattn core attention): two RMSNorms (input and
     normalised output each, fp32 rstd), q/k/v and the projection input, the
     scheme's q, k, v, out and lse, fc1's output and the SwiGLU's three f-wide
-    tensors. Under tensor parallelism the head- and FFN-wide tensors hold this
+    tensors. A linear layer ('L') keeps its normalised output besides (its rsqrt
+    takes the lse's place); delta-rule layers ('D', 'K') are `_delta_saved`. Under
+    tensor parallelism the head- and FFN-wide tensors hold this
     rank's 1/tp of the heads and of the FFN; the hidden-wide ones (norms, linear
     inputs) hold every token, or 1/tp of them with sequence parallelism (`sp`).
     """
@@ -145,8 +168,103 @@ def _layer_saved(m, s: int, tp: int = 1, sp: bool = False) -> dict[str, float]:
     attn_rest = (2 * h * s + 4) / rows + h * s / tp    # norm input and output, rstd; projection input
     mlp = (3 * h * s + 4) / rows + 5 * f * s / tp      # norm, fc1 input; fc1 output (2f), SwiGLU 3f
     inputs = (h + 2 * kv * d) * s / tp                 # core attention inputs before RoPE
-    return {"core": core, "attn_rest": attn_rest, "mlp": mlp, "inputs": inputs,
+    out_side = 0.0                                     # freed before the core's backward runs
+    if kind == "L":
+        core += h * s / tp                             # the output normalised per head
+    elif kind in ("D", "K"):
+        core, mixer, inputs, out_side = _delta_saved(m, s, kind, cp)
+        attn_rest += mixer
+    return {"core": core, "attn_rest": attn_rest, "mlp": mlp, "inputs": inputs, "out_side": out_side,
             "full": core + attn_rest + mlp}
+
+
+def delta_chunk(kind: str) -> int:
+    """The delta-rule kernel's default chunk (distattn.kernels.delta.default_chunk): GDN 32, KDA 16."""
+    return 32 if kind == "D" else 16
+
+
+def _delta_saved(m, s: int, kind: str, cp: int) -> tuple[float, float, float, float]:
+    """(core, the rest of the mixer, the selective-recompute inputs, the output side): per-token
+    bytes a Gated DeltaNet ('D') or Kimi Delta Attention ('K') mixer saves (gated_delta.py).
+
+    core     q and k (normalised), the output o; the kernel's fp32 copies of v, alpha and beta; on
+             one device also the state entering every chunk (H d x d fp32 per C tokens)
+    mixer    the convolution: its four taps gathered ([T, 3hd] each, with their int64 indices), its
+             output and SiLU's (which q and k keep as views); q's and k's norms; the decay's
+             pre-activation, softplus, log and alpha (fp32, one per head or per channel) and
+             sigmoid(beta); the head norm's rsqrt and its normalised and weighted outputs; the
+             output gate ('D': W_g x and its SiLU; 'K': W_g1 x and the sigmoid, and the decay's
+             W_f1 x) and the gated output
+    inputs   the core's value leaf (v | alpha | beta, fp32), kept with it under selective
+             recomputation
+    """
+    H, d = m.num_attention_heads, m.head_dim
+    hd, g = H * d, (H if kind == "D" else H * d)      # g: alpha's channels per token
+    states = hd * d * 4 / delta_chunk(kind) if cp == 1 else 0.0
+    core = 3 * hd * s + (hd + g + H) * 4 + states
+    conv = 18 * hd * s + 4 * 8
+    gates = 4 * g * 4 + 4 * H + 4 * H * s
+    gate_out = 3 * hd * s if kind == "D" else 2 * hd * s + 2 * d * s
+    out_side = 4 * H + 2 * hd * s + (hd * 4 if s != 4 else 0) + gate_out
+    return core, conv + gates + out_side, (hd + g + H) * 4, out_side
+
+
+def _delta_backward(m, kind: str, T: int, cp: int) -> float:
+    """Per-token bytes the delta-rule kernel's backward holds beyond the saved tensors (fp32).
+
+    `ChunkFactors` rebuilt with `keep_saved`: the chunked fp32 q/k/v/log-gate/beta, Qe and the
+    intra-chunk outputs, the chunk maps (A, B), and, while they total at most _KEEP_BUDGET pair
+    elements, every group's intermediates (G, exp G, K~, K^, U~, W; the pairwise decays of k.k and
+    q.k, [C] per head for GDN and [C, d] for KDA; I + A and P, [C] per head). Then dO, dQe, the
+    reverse sweep's dB and dA, each gradient per group and scattered back, one concatenation; one
+    group's backward temporaries. Under cp the scheme also holds the five fp32 gradients whole and
+    the states entering each chunk.
+    """
+    from distattn.kernels.delta import _KEEP_BUDGET, _PAIR_BUDGET
+    H, d = m.num_attention_heads, m.head_dim
+    C = delta_chunk(kind)
+    hd, g, pair = H * d, (H if kind == "D" else H * d), H * C * (1 if kind == "D" else d)
+    ins = 3 * hd + g + H                              # q, k, v, log-gate, beta (and their gradients)
+    dd = hd * d / C                                   # one d x d matrix per head and chunk
+    per = ins + 2 * hd + 2 * dd                       # the factors: inputs, Qe, Oi, map A and B
+    if T * pair <= _KEEP_BUDGET:
+        per += 4 * hd + 2 * g + 2 * pair + 2 * H * C  # the kept intermediates
+    per += 2 * hd + 2 * dd + 2 * ins + hd             # dO, dQe, dB, dA; gradients per group, scattered; a cat
+    if cp > 1:
+        per += ins + dd                               # the scheme's whole gradients; entering states
+    group = min(T, C * max(1, _PAIR_BUDGET // (pair * C)))
+    per += group * (12 * hd + 4 * pair) / T           # one group's backward temporaries
+    return per * 4
+
+
+def _kept_redo(part: dict, recompute: str, mlp_tile: int, h: int, s: int, rows: int):
+    """(part, kept, rebuilt): one layer's saved bytes per token between its forward and backward, and
+    those its backward rebuilds first, under `recompute` (and model.mlp_tile)."""
+    if mlp_tile:  # the MLP's f-wide tensors are rebuilt one tile at a time; its norm keeps its own
+        part = {**part, "mlp": (3 * h * s + 4) / rows}
+        part["full"] = part["core"] + part["attn_rest"] + part["mlp"]
+    if recompute == "none":
+        return part, part["full"], 0.0
+    if recompute == "full":
+        return part, h * s / rows, part["full"]
+    if recompute == "selective":
+        # rebuilt: everything but the core attention; the rebuilt q/k/v
+        # projection (measured live through the layer's backward) too
+        return (part, h * s / rows + part["core"] + part["inputs"],
+                part["attn_rest"] + part["mlp"] + part["inputs"])
+    raise ConfigError(f"recompute={recompute!r}; choose one of {', '.join(RECOMPUTE)}")
+
+
+def _fsdp_terms(m, kinds: str, P: int, tp: int, s: int, T: int) -> tuple[float, float]:
+    """Per-token bytes FSDP2 holds whole: the root's parameters (they stay gathered from forward to
+    backward), the largest layer's whole parameters twice (the running one and the prefetched one)
+    and its whole gradient before the reduce-scatter; and the output layer's whole gradient, formed
+    in the loss's backward, which waits for the root's reduce-scatter at the end of the backward
+    (measured: about V*h*s more per rank at cp=2 and 4)."""
+    h = m.hidden_size
+    root = (_root_params(m) - h) / tp + h
+    layer = max((layer_params(m, k) - 2 * h) / tp + 2 * h for k in set(kinds))
+    return (root + 3 * layer) * s / T, -(-m.vocab_size // tp) * h * s / T
 
 
 def tp_param_count(m, tp: int) -> int:
@@ -222,32 +340,27 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
         optim = opt_full // shards
         grads = P * s + (4 * P // shards if t.zero_stage == 2 else 4 * P)
 
-    part = _layer_saved(m, s, tp, sp)
+    kinds = m.layer_kinds()
     mlp_tile = getattr(m, "mlp_tile", 0)
-    mlp_whole = part["mlp"]
-    if mlp_tile:  # the MLP's f-wide tensors are rebuilt one tile at a time; its norm keeps its own
-        part = {**part, "mlp": (3 * h * s + 4) / rows}
-        part["full"] = part["core"] + part["attn_rest"] + part["mlp"]
-    L = m.num_layers
-    if recompute == "none":
-        kept, redo = part["full"], 0.0
-    elif recompute == "full":
-        kept, redo = h * s / rows, part["full"]
-    elif recompute == "selective":
-        # rebuilt: everything but the core attention; the rebuilt q/k/v
-        # projection (measured live through the layer's backward) too
-        kept = h * s / rows + part["core"] + part["inputs"]
-        redo = part["attn_rest"] + part["mlp"] + part["inputs"]
-    else:  # unreachable: _recompute checked it
-        raise ConfigError(f"recompute={recompute!r}; choose one of {', '.join(RECOMPUTE)}")
-    once = 8 + 8 + 4 + 2 * d * 4                      # tokens, labels, per-token loss, RoPE cos/sin
+    hrow = h * s / rows                                # one hidden-wide tensor per token
+    parts, kept, redo = {}, {}, {}
+    for k in sorted(set(kinds)):
+        parts[k], kept[k], redo[k] = _kept_redo(_layer_saved(m, s, tp, sp, k, cp), recompute, mlp_tile, h, s,
+                                                rows)
+    mlp_whole = _layer_saved(m, s, tp, sp)["mlp"]
+    once = 8 + 8 + 4 + (2 * d * 4 if "N" in kinds else 0)  # tokens, labels, per-token loss, RoPE cos/sin
     if sp:
         once += h * s                                  # megatron's shared all-gather buffer, [T, h]
-    base = L * kept + once
-    host = 0.0
-    if getattr(m, "offload_activations", False) and recompute == "full":
-        host = L * kept                   # every layer's input waits in host memory; the device holds
-        base = min(L, 2) * kept + once    # the layer being rebuilt and the one fetched next
+    # the saved activations up to the last layer of each kind (the backward meets it first)
+    upto, total = {}, 0.0
+    offload = getattr(m, "offload_activations", False) and recompute == "full"
+    for i, k in enumerate(kinds):
+        total += kept[k]
+        # offloaded: every layer's input waits in host memory; the device holds the layer being
+        # rebuilt and the one fetched next
+        upto[k] = (min(i + 1, 2) * kept[k] if offload else total) + once
+    base = (min(len(kinds), 2) * kept[kinds[-1]] if offload else total) + once
+    host = total if offload else 0.0
     # 1. the loss: saved log-softmax (fp32) and the final norm output, plus the
     #    gradients of the log-softmax and of the logits; tiled (model.loss_tile), one tile's fp32
     #    logits and their gradient, the hidden states' gradient (formed in the forward) and the
@@ -260,47 +373,47 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
         # final norm's output, the gathered hidden states, their gradient formed in the forward and
         # its scaled copy handed back in the backward, a tile's V/tp logits
         Vt = -(-V // tp)
-        loss = base + h * s / rows + 3 * h * s + (min(loss_tile or T, T) * Vt * (8 + s) + 4 * Vt * h) / T
+        loss = base + hrow + 3 * h * s + (min(loss_tile or T, T) * Vt * (8 + s) + 4 * Vt * h) / T
     elif loss_tile:
         loss = base + norm + h * s + h * s + (min(loss_tile, T) * V * (8 + s) + 4 * V * h) / T
     else:
         loss = base + norm + 4 * V + h * s + 2 * 4 * V
-    # 2. the last layer's MLP backward: its activations (rebuilt, with
-    #    recomputation, together with the rebuilt forward's h-wide output) and
-    #    three h-wide gradients (residual stream, MLP output, norm input); its
-    #    saved tensors are freed as it proceeds
-    if mlp_tile:
-        # tiled: rebuilding stops at the last tile's input, so one h-wide tensor of the layer's (its
-        # output) is not rebuilt. The larger of two moments: inside the MLP's backward, one tile's
-        # SwiGLU activations rebuilt beside two h-wide gradients (the output's, which is the residual
-        # stream's, and the input's, summed over tiles); right after it, the pre-MLP norm's backward
-        # with three. Measured (fp32, W=1, full recomputation, 9K-18K tokens): the norm's backward is
-        # the step's peak, and the layer rebuilt up to the last tile holds 8h, not 9h, per token
-        rebuilt = redo - (h * s / rows if redo else 0)
-        mlp = base + rebuilt + max(2 * h * s / rows + min(mlp_tile, T) * mlp_whole / T, 3 * h * s / rows)
-    else:
-        mlp = base + redo + (h * s / rows if redo else 0) + 3 * h * s / rows
-    if sp:  # one [T, h] tensor of megatron's: a row-parallel linear's all-gathered output gradient, or a
-        mlp += h * s  # column-parallel one's input gradient before its reduce-scatter
-    # 3. its core attention backward: the MLP's saved tensors are gone; the
-    #    gradients of out, q, k, v and the scheme's backward buffers are live
-    attn_grads = (2 * h + 4 * kv * d) * s / tp
-    _, comm_bwd = _comm_buffers(scheme, cp, T, m, s, tp)
-    attn = base + redo - part["mlp"] + attn_grads + (h * s if sp else 0)
-    gathered = 0.0
-    if fsdp:  # the root's parameters stay whole from forward to backward; a layer's whole
-        # parameters, the next one's (prefetched) and its whole gradient before the reduce-scatter
-        root = (_root_params(m) - h) / tp + h
-        layer = (P - root) / L
-        gathered = (root + 3 * layer) * s / T
-        # the output layer's whole gradient, formed in the loss's backward, waits for the root's
-        # reduce-scatter at the end of the backward (measured: about V*h*s more per rank at cp=2 and 4)
-        root_grad = -(-V // tp) * h * s / T
-    else:
-        root_grad = 0.0
-    phases = {"loss": (loss, gathered), "mlp_backward": (mlp, gathered + root_grad),
-              "attention_backward": (attn, comm_bwd / T + gathered + root_grad)}
-    phase, (peak, comm) = max(phases.items(), key=lambda kv_: kv_[1][0] + kv_[1][1])
+    gathered, root_grad = _fsdp_terms(m, kinds, P, tp, s, T) if getattr(t, "shard", "none") == "fsdp" else (0, 0)
+    phases = [("loss", loss, gathered)]
+    lin = getattr(cfg.attention, "linear_scheme", "lasp2") if cp > 1 else "local"
+    for k in parts:
+        # 2. the last layer's MLP backward: its activations (rebuilt, with
+        #    recomputation, together with the rebuilt forward's h-wide output) and
+        #    three h-wide gradients (residual stream, MLP output, norm input); its
+        #    saved tensors are freed as it proceeds
+        if mlp_tile:
+            # tiled: rebuilding stops at the last tile's input, so one h-wide tensor of the layer's (its
+            # output) is not rebuilt. The larger of two moments: inside the MLP's backward, one tile's
+            # SwiGLU activations rebuilt beside two h-wide gradients (the output's, which is the residual
+            # stream's, and the input's, summed over tiles); right after it, the pre-MLP norm's backward
+            # with three. Measured (fp32, W=1, full recomputation, 9K-18K tokens): the norm's backward is
+            # the step's peak, and the layer rebuilt up to the last tile holds 8h, not 9h, per token
+            rebuilt = redo[k] - (hrow if redo[k] else 0)
+            mlp = upto[k] + rebuilt + max(2 * hrow + min(mlp_tile, T) * mlp_whole / T, 3 * hrow)
+        else:
+            mlp = upto[k] + redo[k] + (hrow if redo[k] else 0) + 3 * hrow
+        if sp:  # one [T, h] tensor of megatron's: a row-parallel linear's all-gathered output gradient, or a
+            mlp += h * s  # column-parallel one's input gradient before its reduce-scatter
+        phases.append(("mlp_backward", mlp, gathered + root_grad))
+        # 3. its core attention backward: the MLP's saved tensors are gone; the
+        #    gradients of out, q, k, v and the scheme's backward buffers are live. A delta-rule
+        #    layer's output side is gone too; the gradients of the core's output and of the residual
+        #    stream and the kernel's backward (`_delta_backward`) are live
+        attn = upto[k] + redo[k] - parts[k]["mlp"] + (h * s if sp else 0)
+        if k in ("D", "K"):
+            hd = m.num_attention_heads * d
+            attn += (hd + h) * s - parts[k]["out_side"] + _delta_backward(m, k, T, cp)
+        else:
+            attn += (2 * h + 4 * kv * d) * s / tp
+        comm_bwd = _comm_buffers(scheme if k == "N" else lin, cp, T, m, s, tp)[1]
+        phases.append(("attention_backward" if k in ("N", "L") else "delta_backward", attn,
+                       comm_bwd / T + gathered + root_grad))
+    phase, peak, comm = max(phases, key=lambda ph: ph[1] + ph[2])
     activations = int(T * base)
     transient = int(T * (peak - base))
     return MemoryPlan(seq_len=n, world=cp, scheme=scheme, recompute=recompute, params=params,
