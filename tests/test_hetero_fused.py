@@ -107,6 +107,22 @@ def test_block_mask_equals_create_block_mask(causal, one_thread):
     assert hf.class_mask(plan, c, CPU) is m  # cached with the plan
 
 
+def test_block_mask_computes_close_to_the_mask_pairs(one_thread):
+    """The virtual key order keeps each query tile's visible keys in few ranges, so the tiles
+    flex computes hold little more than the visible pairs (a property of the plan, not a speed)."""
+    scheme = Hetero(block=64, local_blocks=2, stride=4)
+    n, world = 4096, 2
+    plan = scheme.plan(n, 8, 8, world, 0)
+    tiles = 0
+    for c in plan.classes:
+        partial, full = hf.class_mask(plan, c, CPU).tiles()
+        work = int(partial.sum() + full.sum()) * hf.TILE ** 2
+        assert plan.pairs_by_class[c] <= work <= 1.4 * plan.pairs_by_class[c], c
+        tiles += work * plan.q_heads_of[c]
+    dense = scheme.layout(n, world).cost(0) * 8
+    assert plan.pairs / dense < 0.35 and tiles / dense < 0.45
+
+
 # ----------------------------------------------------------------------------- exactness
 
 def _run_path(scheme, n, h, hkv, d, dtype_name, cu, causal, fused: bool):

@@ -14,8 +14,9 @@ computed; the critical path is the max over ranks. Reported:
 `device="cuda"` runs the ranks on GPUs (NCCL, one GPU per rank, so world_size
 <= the GPUs there); compute is then the wall time of the step with the device
 synchronised at its end (host CPU time says nothing there). `kernel` sets
-DISTATTN_HETERO_KERNEL in the ranks (auto: the fused flex_attention path on
-CUDA, the blockwise path on CPU); the kernel hetero ran is in the header.
+DISTATTN_HETERO_KERNEL in the ranks (None: as set where the bench starts, else
+auto: the fused flex_attention path on CUDA, the blockwise path on CPU); the
+kernel hetero ran is in the header.
 """
 from __future__ import annotations
 
@@ -43,22 +44,29 @@ class HeteroBenchSpec:
     layout: str = "zigzag"
     hetero: dict = field(default_factory=dict)  # Hetero options (block, local_blocks, stride, ...)
     device: str = "cpu"              # "cpu" (gloo ranks) or "cuda" (NCCL, one GPU per rank)
-    kernel: str = "auto"             # DISTATTN_HETERO_KERNEL in the ranks: auto | blocks | flex
+    kernel: str | None = None        # DISTATTN_HETERO_KERNEL in the ranks (None: as set, else auto)
 
     def __post_init__(self):
         from distattn.schemes.hetero_fused import KERNELS
         if self.device not in DEVICES:
             raise ValueError(f"hetero bench device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.kernel not in KERNELS:
+        if self.kernel is not None and self.kernel not in KERNELS:
             raise ValueError(f"hetero bench kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+
+    @property
+    def hetero_kernel(self) -> str:
+        """The DISTATTN_HETERO_KERNEL value the ranks run with."""
+        from distattn.schemes.hetero_fused import ENV
+        return self.kernel or os.environ.get(ENV, "auto")
 
     def check_devices(self) -> None:
         """Refuse a run this host cannot do: CUDA needs one GPU per rank; flex needs CUDA
         (flex_attention has no backward on CPU)."""
         if self.device != "cuda":
-            if self.kernel == "flex":
-                raise ValueError("hetero bench kernel='flex' needs device='cuda' (flex_attention has "
-                                 "no backward on CPU); use kernel='auto' or 'blocks' on cpu")
+            if self.hetero_kernel == "flex":
+                raise ValueError("hetero bench kernel 'flex' (kernel= or DISTATTN_HETERO_KERNEL) needs "
+                                 "device='cuda' (flex_attention has no backward on CPU); use 'auto' "
+                                 "or 'blocks' on cpu")
             return
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if self.world_size > have:
@@ -93,7 +101,7 @@ class HeteroRow:
 def _rank_bench(spec: HeteroBenchSpec, n: int, which: str) -> dict:
     from distattn.schemes.hetero_fused import ENV
     old = os.environ.get(ENV)
-    os.environ[ENV] = spec.kernel
+    os.environ[ENV] = spec.hetero_kernel
     try:
         return _rank_bench_on(spec, n, which)
     finally:
@@ -179,7 +187,7 @@ def format_table(rows: list[HeteroRow], spec: HeteroBenchSpec) -> str:
     h = spec.hetero
     head = (f"hetero vs ring, fwd+bwd  heads={spec.heads}/{spec.kv_heads} d={spec.head_dim} {spec.dtype} "
             f"W={spec.world_size} (1 thread/rank) layout={spec.layout} iters={spec.iters} "
-            f"device={spec.device} hetero kernel={rows[0].kernel if rows else spec.kernel}\n"
+            f"device={spec.device} hetero kernel={rows[0].kernel if rows else spec.hetero_kernel}\n"
             f"pattern: {', '.join(f'{k}={v}' for k, v in h.items())}\n")
     cols = ["N", "density", "ring ms", "hetero ms", "speed-up", "ring wall ms", "hetero wall ms",
             "wall speed-up", "ring MB/rank", "hetero MB/rank", "bytes ratio", "vs d*ring"]
