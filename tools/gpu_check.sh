@@ -12,6 +12,8 @@
 #    $OUT is set, else runs/gpu_check.json.
 #
 # --no-install skips step 1; --quick --device cpu is the dry run that proves the script on a CPU.
+# --isolate yes|no|auto, --total-budget S, --budget-scale X and --train-steps N pass on to
+# tools/gpu_check.py (see its --help).
 # PYTHON picks the interpreter (default python3). Exit status 0 when every part is ok.
 set -uo pipefail
 
@@ -23,7 +25,7 @@ ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --no-install) INSTALL=0 ;;
-        --device|--parts|--isolate|--total-budget|--train-steps)
+        --device|--parts|--isolate|--total-budget|--budget-scale|--train-steps)
             [ $# -ge 2 ] || { echo "gpu_check.sh: $1 needs a value" >&2; exit 2; }
             ARGS+=("$1" "$2"); shift ;;
         --quick) ARGS+=("$1") ;;

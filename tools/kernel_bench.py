@@ -168,8 +168,10 @@ def format_row(r: dict) -> str:
     head = f"{r['name']:28s}"
     if r.get("status") != "ok":
         return f"{head} {r.get('status')}: {r.get('error', '')}"
+    def rate(x):  # one decimal at GPU rates, three significant digits below 10 (CPU, tiny shapes)
+        return f"{x:7.1f}" if x >= 10 else f"{x:7.3g}"
     return (f"{head} tokens={r['tokens']:6d} calls={r.get('calls', 1):2d} fwd {r['fwd_ms']:8.2f} ms "
-            f"{r['fwd_tflops']:7.1f} TFLOP/s   fwd+bwd {r['fwdbwd_ms']:8.2f} ms {r['fwdbwd_tflops']:7.1f} TFLOP/s")
+            f"{rate(r['fwd_tflops'])} TFLOP/s   fwd+bwd {r['fwdbwd_ms']:8.2f} ms {rate(r['fwdbwd_tflops'])} TFLOP/s")
 
 
 def main(argv=None):

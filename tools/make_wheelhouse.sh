@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --with-fla) WITH_FLA=1 ;;
         --python-versions) VERSIONS="$2"; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         -*) echo "make_wheelhouse.sh: unknown option $1" >&2; exit 2 ;;
         *) DIR="$1" ;;
     esac
