@@ -14,11 +14,15 @@
 # --no-install skips step 1; --quick --device cpu is the dry run that proves the script on a CPU.
 # --isolate yes|no|auto, --total-budget S, --budget-scale X and --train-steps N pass on to
 # tools/gpu_check.py (see its --help).
-# PYTHON picks the interpreter (default python3). Exit status 0 when every part is ok.
+# PYTHON picks the interpreter (default .venv/bin/python if present, else python3).
+# Exit status 0 when every part is ok.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then  # the project's environment where there is one (not on a lent machine), else python3
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
 INSTALL=1
 OUTFILE=""
 ARGS=()
@@ -30,7 +34,7 @@ while [ $# -gt 0 ]; do
             ARGS+=("$1" "$2"); shift ;;
         --quick) ARGS+=("$1") ;;
         --out) OUTFILE="$2"; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         -*) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) OUTFILE="$1" ;;
     esac
