@@ -240,3 +240,37 @@ def test_kernel_choice(monkeypatch, caplog):
             hf.hetero_kernel(CPU, True)
     lines = [r.getMessage() for r in caplog.records if r.name == "distattn"]
     assert lines == ["hetero attention on cpu: blockwise kernel calls"]
+
+
+# ----------------------------------------------------------------------------- CUDA (skipped without)
+
+def _cuda_paths(scheme, n, h, hkv, d, dtype_name, cu, causal):
+    """On one rank, CUDA tensors: fwd + bwd through DISTATTN_HETERO_KERNEL=blocks and =flex."""
+    import torch.distributed as dist
+    dev = torch.device("cuda")
+    q, k, v, dout = (x.to(dev) for x in full_inputs(n, h, hkv, d, DTYPES[dtype_name]))
+    res = {}
+    old = os.environ.get(hf.ENV)
+    try:
+        for kind in ("blocks", "flex"):
+            os.environ[hf.ENV] = kind
+            a, b, c = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+            out = distattn.attention(a, b, c, scheme=scheme, group=dist.group.WORLD, cu_seqlens=cu,
+                                     causal=causal, n_tokens=n)
+            out.backward(dout)
+            res[kind] = [x.detach().float().cpu() for x in (out, a.grad, b.grad, c.grad)]
+    finally:
+        os.environ.pop(hf.ENV, None) if old is None else os.environ.__setitem__(hf.ENV, old)
+    return res
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not hf.flex_available(),
+                    reason="needs a CUDA device and flex_attention")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["kv-docs", "q-gqa", "noncausal-docs"])
+def test_cuda_flex_equals_blocks(ranks, case, dtype):
+    opts, n, h, hkv, cu, causal = CASES[case]
+    res, = ranks(1, _cuda_paths, Hetero(**opts), n, h, hkv, 64, dtype, cu, causal, timeout=600)
+    tol = dict(atol=1e-4, rtol=1e-3) if dtype == "fp32" else BF16
+    for name, got, want in zip(("out", "dq", "dk", "dv"), res["flex"], res["blocks"]):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
