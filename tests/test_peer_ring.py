@@ -80,7 +80,9 @@ def test_bench_reports_the_ratio_to_the_peer():
     rows, single = run_attention_bench(spec)
     assert [r.scheme for r in rows] == ["ring", "ring-flash-attn"]
     assert rows[0].bytes_per_rank == rows[1].bytes_per_rank
-    assert "ring / ring-flash-attn (same kernel, same job)" in format_table(rows, single, spec)
+    assert rows[1].paired_ratio is not None and rows[1].paired_ratio > 0
+    text = format_table(rows, single, spec)
+    assert "ring / ring-flash-attn (same kernel, same job)" in text and "interleaved A B B A" in text
 
 
 def test_bench_skips_the_peer_with_a_message(capsys):

@@ -132,22 +132,18 @@ def _peer_ring_step(spec: BenchSpec, group, ledger, q, k, v, do):
     return step
 
 
-def _rank_bench(spec: BenchSpec, name: str) -> dict:
+def _make_step(spec: BenchSpec, name: str, group, ledger):
+    """One fwd+bwd of scheme or peer `name` on this rank's shard of the benchmark's inputs."""
     import torch.distributed as dist
 
     import distattn
-    from distattn.comm import CommLedger
-    from distattn.kernels.backends import NullKernel, override_backend
 
-    group = dist.group.WORLD
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     q, k, v, do = _inputs(spec)
     cu = spec.cu_seqlens
-    ledger = CommLedger()
-
     if name == "ring-flash-attn":
-        step = _peer_ring_step(spec, group, ledger, q, k, v, do)
-    elif name == "deepspeed-ulysses":
+        return _peer_ring_step(spec, group, ledger, q, k, v, do)
+    if name == "deepspeed-ulysses":
         attn = _ds_ulysses_step(spec, group)
         from deepspeed.comm import comm as ds_comm
 
@@ -156,22 +152,32 @@ def _rank_bench(spec: BenchSpec, name: str) -> dict:
         lay = Contiguous(spec.seq_len, world, cu)
         ql, kl, vl, dl = (lay.shard(x, rank).unsqueeze(1) for x in (q, k, v, do))
 
-        def step():  # its all-to-alls go through DeepSpeed's backend: counted in our ledger
+        def ds_step():  # its all-to-alls go through DeepSpeed's backend: counted in our ledger
             a, b, c = (x.detach().requires_grad_(True) for x in (ql, kl, vl))
             with ledgered_backend(ds_comm.cdb, ledger, tag=""):
                 attn(a, b, c, 1).backward(dl)
-    else:
-        scheme = _scheme_for(name)
-        scheme.validate(heads=spec.heads, kv_heads=spec.kv_heads, world=world)
-        ql, kl, vl, dl = (distattn.shard(x, scheme=scheme, group=group, cu_seqlens=cu)
-                          for x in (q, k, v, do))
+        return ds_step
+    scheme = _scheme_for(name)
+    scheme.validate(heads=spec.heads, kv_heads=spec.kv_heads, world=world)
+    ql, kl, vl, dl = (distattn.shard(x, scheme=scheme, group=group, cu_seqlens=cu) for x in (q, k, v, do))
 
-        def step():
-            a, b, c = (x.detach().requires_grad_(True) for x in (ql, kl, vl))
-            out = distattn.attention(a, b, c, scheme=scheme, group=group, cu_seqlens=cu,
-                                     causal=spec.causal, ledger=ledger, n_tokens=spec.seq_len)
-            out.backward(dl)
+    def step():
+        a, b, c = (x.detach().requires_grad_(True) for x in (ql, kl, vl))
+        out = distattn.attention(a, b, c, scheme=scheme, group=group, cu_seqlens=cu,
+                                 causal=spec.causal, ledger=ledger, n_tokens=spec.seq_len)
+        out.backward(dl)
+    return step
 
+
+def _rank_bench(spec: BenchSpec, name: str) -> dict:
+    import torch.distributed as dist
+
+    from distattn.comm import CommLedger
+    from distattn.kernels.backends import NullKernel, override_backend
+
+    group = dist.group.WORLD
+    ledger = CommLedger()
+    step = _make_step(spec, name, group, ledger)
     for _ in range(spec.warmup):
         step()
     ledger.reset()
@@ -190,6 +196,26 @@ def _rank_bench(spec: BenchSpec, name: str) -> dict:
         compute_s=statistics.median(computes), wall_s=statistics.median(walls),
         bytes_sent=tot.bytes_sent // spec.iters, exposed_s=tot.exposed_s / spec.iters,
         comm_alone_s=alone))
+
+
+def _rank_pair(spec: BenchSpec, names: tuple[str, str], rounds: int) -> dict[str, list[float]]:
+    """Compute seconds of single steps of two schemes interleaved A B B A per round, so that a
+    change in the machine's load during the job weighs on both alike."""
+    import torch.distributed as dist
+
+    from distattn.comm import CommLedger
+
+    group = dist.group.WORLD
+    steps = {n: _make_step(spec, n, group, CommLedger()) for n in names}
+    for step in steps.values():
+        for _ in range(max(1, spec.warmup)):
+            step()
+    got: dict[str, list[float]] = {n: [] for n in names}
+    a, b = names
+    for _ in range(rounds):
+        for n in (a, b, b, a):
+            got[n] += timed_steps(steps[n], 1, group)[0]
+    return got
 
 
 def ds_ulysses_bytes(spec: BenchSpec, world: int) -> int:
@@ -235,6 +261,8 @@ class Row:
     comm_alone_s: float
     overlap: float
     efficiency: float
+    # the peer ring's row: our ring's critical compute over its, from steps interleaved A B B A
+    paired_ratio: float | None = None
 
 
 def run_attention_bench(spec: BenchSpec, pool=None) -> tuple[list[Row], float]:
@@ -269,6 +297,12 @@ def run_attention_bench(spec: BenchSpec, pool=None) -> tuple[list[Row], float]:
                 wall_s=max(r.wall_s for r in res), bytes_per_rank=max(r.bytes_sent for r in res),
                 exposed_s=exposed, comm_alone_s=alone, overlap=overlap,
                 efficiency=single / (spec.world_size * crit) if crit > 0 else float("nan")))
+        by = {r.scheme: r for r in rows}
+        if "ring" in by and "ring-flash-attn" in by:
+            got = pool.run(_rank_pair, spec, ("ring", "ring-flash-attn"), max(1, (spec.iters + 1) // 2),
+                           timeout=3600)
+            crit = {n: max(statistics.median(g[n]) for g in got) for n in ("ring", "ring-flash-attn")}
+            by["ring-flash-attn"].paired_ratio = crit["ring"] / crit["ring-flash-attn"]
     finally:
         if own:
             pool.close()
@@ -301,8 +335,11 @@ def peer_ratio_footer(rows: list[Row]) -> str:
     ours, peer = by.get("ring"), by.get("ring-flash-attn")
     if ours is None or peer is None or not peer.critical_compute_s or not peer.wall_s:
         return ""
-    return (f"ring / ring-flash-attn (same kernel, same job): critical compute "
-            f"{ours.critical_compute_s / peer.critical_compute_s:.3f}x, wall {ours.wall_s / peer.wall_s:.3f}x\n")
+    text = (f"ring / ring-flash-attn (same kernel, same job): critical compute "
+            f"{ours.critical_compute_s / peer.critical_compute_s:.3f}x, wall {ours.wall_s / peer.wall_s:.3f}x")
+    if peer.paired_ratio is not None:
+        text += f"; steps interleaved A B B A: critical compute {peer.paired_ratio:.3f}x"
+    return text + "\n"
 
 
 def overlap_footer(rows: list[Row]) -> str:
