@@ -107,3 +107,21 @@ def test_options_table_and_the_cheapest_fit():
     tiny = run_cli(["plan", "memory", "configs/models/llama3_8b.yaml", "--set", "parallel.cp=1", "--set",
                     "data.seq_len=16777216", "--budget-gib", "8", "--options"])
     assert tiny.code == 0 and "nothing fits" in tiny.out
+
+
+def test_options_keep_delta_rule_models_at_tp_1():
+    """Delta-rule layers refuse tensor parallelism, so --options offers a DDDN model only tp=1 x cp, and
+    the cheapest row's settings load as a valid config."""
+    from cli_util import run_cli
+    from distattn.plan.options import as_settings, cheapest, option_rows
+    hybrid = ["model.num_layers=4", "model.layer_pattern=DDDN", "parallel.cp=4", "parallel.world_size=4",
+              "data.seq_len=1048576"]
+    rows = option_rows(load_config(None, hybrid), 40)
+    assert len(rows) == 32 and {(r["tp"], r["cp"]) for r in rows} == {(1, 4)}
+    best = cheapest(rows)
+    settings = as_settings(best).replace("--set ", "").split()
+    assert load_config(None, hybrid + settings).parallel.tp == 1
+    args = ["plan", "memory"] + [x for kv in hybrid for x in ("--set", kv)] + ["--budget-gib", "40", "--options"]
+    res = run_cli(args)
+    assert res.code == 0 and "cheapest that fits 1048576 tokens: --set parallel.tp=1 --set parallel.cp=4" in res.out, \
+        res.text

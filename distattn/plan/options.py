@@ -34,8 +34,11 @@ def _with(cfg, shard: str, recompute: str, loss_tile: int, mlp_tile: int, offloa
 
 
 def tp_choices(cfg) -> list[int]:
-    """tp sizes that split the config's cp x tp devices and the model's heads, query groups, FFN and vocabulary."""
+    """tp sizes that split the config's cp x tp devices and the model's heads, query groups, FFN and vocabulary;
+    only tp=1 for a model with delta-rule layers ('D', 'K'), which run without tensor parallelism."""
     m, devices = cfg.model, cfg.parallel.cp * cfg.parallel.tp
+    if set(m.layer_kinds()) & set("DK"):
+        return [1]
     return [t for t in range(1, min(devices, MAX_TP) + 1)
             if devices % t == 0 and not (m.num_attention_heads % t or m.num_query_groups % t
                                          or m.ffn_hidden_size % t or m.vocab_size % t)]
