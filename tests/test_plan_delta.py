@@ -41,17 +41,101 @@ def test_delta_layer_parameters_are_the_built_modules(kind):
     assert param_count(m) == 2 * 256 * h + layer_params(m, kind) + layer_params(m, "N") + h
 
 
-def test_whole_model_parameters_match_the_built_model(ranks, tmp_path):
-    cfg = tiny("DKLN", "data.seq_len=128", "parallel.cp=1", "attention.scheme=local",
-               f"run.output_dir={tmp_path}")
-    got = ranks(1, count_model_parameters, cfg.model_dump())[0]
-    assert got == param_count(cfg.model)
+# per token, fp32, the tiny shape (h = 64, 4 heads of 16, FFN 128): an 'N' layer saves 4888 bytes
+# (q, k, v, out, lse 784; norms and projection input 772; MLP 3332). A 'D' layer keeps the norms and
+# the MLP (4104) and its mixer's census: the convolution's four gathered taps, output and SiLU
+# (6 x 768) and their four int64 indices (32); q, k, o and the head norm's two outputs, the output
+# gate's W_g x, SiLU and product, and the fp32 v copy (9 x 256); q's and k's norms, the decay's
+# four fp32 steps, beta, its copy, alpha's copy and the head rsqrt (12 x 16); the chunk states,
+# 4 heads x 16 x 16 fp32 per 32 tokens (128): 7264. 'K': alpha per channel (four steps and a copy,
+# 5 x 256 instead of 5 x 16), two low-rank inputs (2 x 64), a two-tensor output gate, 16-token
+# chunks (256): 8464.
+@pytest.mark.parametrize("kind,own", [("D", 7264), ("K", 8464)])
+def test_a_delta_layers_activations_grow_with_the_census_slope(kind, own):
+    slope = {}
+    for pattern in (kind + "N", "NN"):
+        cfg = tiny(pattern)
+        a, b = (predict_memory(cfg, n, cp=1, scheme="local", recompute="none").activations for n in (4096, 8192))
+        slope[pattern] = (b - a) / 4096
+    assert slope["NN"] == 2 * 4888 + 148  # tokens, labels, per-token loss, RoPE cos/sin
+    assert slope[kind + "N"] - slope["NN"] == own + 4104 - 4888
+    # under cp the scheme keeps no chunk states
+    cp2 = [predict_memory(tiny(kind + "N"), n, cp=2, scheme="ring", recompute="none").activations
+           for n in (8192, 16384)]
+    assert (cp2[1] - cp2[0]) / 4096 == slope[kind + "N"] - (128 if kind == "D" else 256)
 
 
-def count_model_parameters(cfg_dict: dict) -> int:
-    from distattn.config import Config
-    from distattn.train.trainer import Trainer
-    tr = Trainer(Config.model_validate(cfg_dict), quiet=True)
-    n = sum(p.numel() for p in tr.model.parameters())
-    tr.mesh.destroy()
-    return n
+def test_planned_peak_of_a_delta_model_matches_a_measured_step():
+    """DDN, full recomputation, 4096 tokens on one rank: the peak is the delta backward's (measured
+    65.6 MiB, planned 67.8; docs: 0.96-1.05 over 2K-32K tokens, cp 1 and 2, DDN and KKN)."""
+    from distattn.bench.memory import measure
+    cfg = tiny("DDN")
+    plan = predict_memory(cfg, 4096, cp=1, scheme="local", recompute="full")
+    got = measure(cfg, 4096, 1, "local", "full", timeout=300)["peak_growth"]
+    assert plan.phase == "delta_backward"
+    assert 0.9 <= (plan.total - plan.params) / got <= 1.1, ((plan.total - plan.params) / got)
+
+
+def test_plan_memory_cli_takes_a_delta_pattern(capsys):
+    from distattn.cli import main
+    sets = [a for x in TINY + ["model.num_layers=3", "model.layer_pattern=DDN", "data.seq_len=8192"]
+            for a in ("--set", x)]
+    assert main(["plan", "memory", *sets, "--worlds", "1,2", "--recompute", "none,full",
+                 "--budget-gib", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "delta_backward" in out and "local" in out and "ring" in out
+    assert main(["plan", "memory", *sets, "--options", "--budget-gib", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "cheapest that fits 8192 tokens: --set parallel.tp=1 --set parallel.cp=2" in out
+
+
+# ----------------------------------------------------------------------------- simulator
+
+
+def test_simulated_delta_layers_send_the_schemes_bytes_and_do_their_own_work():
+    from distattn.schemes import AttnShape, get_scheme
+    from distattn.sim import MODELS, get_cluster, step_time
+    from distattn.sim.delta import delta_flops
+    c, seq, W = get_cluster("h100"), 1 << 20, 64
+    model = MODELS["gdn-hybrid-8b"]
+    assert model.kinds == "DDDN" * 8
+    shape = AttnShape(n_tokens=seq, heads=32, kv_heads=32, head_dim=128, dtype_bytes=2)
+    st2 = step_time(model, seq, W, c, linear_scheme="lasp2")
+    st1 = step_time(model, seq, W, c, linear_scheme="lasp1")
+    lasp2, lasp1 = st2.layers["gated_delta"], st1.layers["gated_delta"]
+    want = get_scheme("lasp2").comm_bytes(shape, W, 0, rule="gated_delta")
+    # one all-gather of 32 heads' (A, B) forward, 128 x 256 fp32, and of their d(state) backward
+    assert lasp2["bytes_sent"] == want.total == 63 * 32 * (128 * 256 + 128 * 128) * 4
+    # a middle rank of the ring sends one 128 x 128 fp32 state per head each way
+    assert lasp1["bytes_sent"] == get_scheme("lasp1").comm_bytes(shape, W, 1, rule="gated_delta").total \
+        == 2 * 32 * 128 * 128 * 4
+    # chunked WY work per token and head at C = 64: 10 C d + 6 d^2 + 2 d^3 / C forward
+    assert delta_flops("gated_delta", 128) == (10 * 64 * 128 + 6 * 128 ** 2 + 2 * 128 ** 3 / 64,
+                                               34 * 64 * 128 + 16 * 128 ** 2 + 4 * 128 ** 3 / 64)
+    fwd, bwd = delta_flops("gated_delta", 128)
+    mm = c.device.matmul_time
+    assert lasp2["compute_s"] > mm(fwd * 32 * seq / W, 4) + mm(bwd * 32 * seq / W, 8)  # + the span maps
+    assert lasp1["compute_s"] == pytest.approx(mm(fwd * 32 * seq / W, 4) + mm(bwd * 32 * seq / W, 8))
+    # the ring's chain is serial: slower than the all-gather at 64 GPUs
+    assert lasp1["total_s"] > lasp2["total_s"]
+    # not the linear layer's model: the same shape with 'L' layers does other work and sends other bytes
+    linear = step_time(MODELS["llama3-8b-hybrid"], seq, W, c, linear_scheme="lasp2").layers["linear"]
+    assert linear["bytes_sent"] != lasp2["bytes_sent"] and linear["compute_s"] < lasp2["compute_s"]
+    assert st2.linear_scheme == "lasp2" and model.params > MODELS["llama3-8b-hybrid"].params
+
+
+def test_simulate_cli_runs_a_delta_hybrid(capsys):
+    from distattn.cli import main
+    assert main(["simulate", "--gpus", "16", "--seq", "262144", "--model", "gdn-hybrid-8b",
+                 "--schemes", "ring,lasp2,lasp1,ring-linear"]) == 0
+    out = capsys.readouterr().out
+    assert "N:ring D:lasp2" in out and "N:allgather D:lasp1" in out and "| ring-linear |" not in out
+    assert main(["simulate", "--gpus", "8", "--seq", "65536", "--rule", "kda", "--schemes", "lasp2,ring-linear"]) == 0
+    out = capsys.readouterr().out
+    assert "kda rule" in out and "n/a: no K/V ring model of the delta rule" in out
+
+
+def test_profiling_a_linear_scheme_keeps_the_delta_layers():
+    from distattn.profile.run import scheme_config
+    assert scheme_config(tiny("DDN"), "lasp2", 2).model.layer_kinds() == "DDN"
+    assert scheme_config(tiny("NN"), "lasp2", 2).model.layer_kinds() == "LL"

@@ -216,8 +216,8 @@ def _delta_backward(m, kind: str, T: int, cp: int) -> float:
     intra-chunk outputs, the chunk maps (A, B), and, while they total at most _KEEP_BUDGET pair
     elements, every group's intermediates (G, exp G, K~, K^, U~, W; the pairwise decays of k.k and
     q.k, [C] per head for GDN and [C, d] for KDA; I + A and P, [C] per head). Then dO, dQe, the
-    reverse sweep's dB and dA, each gradient per group and scattered back, one concatenation; one
-    group's backward temporaries. Under cp the scheme also holds the five fp32 gradients whole and
+    reverse sweep's dB and dA, the gradients of every group; then the larger of one group's backward
+    temporaries and the gradients scattered back to tokens with one concatenation. Under cp the scheme also holds the five fp32 gradients whole and
     the states entering each chunk.
     """
     from distattn.kernels.delta import _KEEP_BUDGET, _PAIR_BUDGET
@@ -229,11 +229,13 @@ def _delta_backward(m, kind: str, T: int, cp: int) -> float:
     per = ins + 2 * hd + 2 * dd                       # the factors: inputs, Qe, Oi, map A and B
     if T * pair <= _KEEP_BUDGET:
         per += 4 * hd + 2 * g + 2 * pair + 2 * H * C  # the kept intermediates
-    per += 2 * hd + 2 * dd + 2 * ins + hd             # dO, dQe, dB, dA; gradients per group, scattered; a cat
+    per += 2 * hd + 2 * dd + ins                      # dO, dQe, dB, dA; the gradients of every group
     if cp > 1:
         per += ins + dd                               # the scheme's whole gradients; entering states
     group = min(T, C * max(1, _PAIR_BUDGET // (pair * C)))
-    per += group * (12 * hd + 4 * pair) / T           # one group's backward temporaries
+    # then the larger of: the last group's backward temporaries, or the gradients scattered back to
+    # tokens beside one concatenation
+    per += max(group * (12 * hd + 4 * pair) / T, ins + hd)
     return per * 4
 
 

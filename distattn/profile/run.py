@@ -12,8 +12,9 @@ the profiled steps; the parent then analyses the traces
 ``.json``), one timeline PNG per scheme, and the overlap ratios to TensorBoard.
 
 A linear scheme name (``lasp2``, ``lasp1``) profiles the config's model with
-that linear scheme; a model without linear layers is switched to all-linear
-layers (``model.layer_pattern = L...L``) so the scheme is actually exercised.
+that linear scheme, which runs its linear ('L') and delta-rule ('D', 'K')
+layers; a model with none of them is switched to all-linear layers
+(``model.layer_pattern = L...L``) so the scheme is actually exercised.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def scheme_config(cfg, scheme: str | None, steps: int):
         ov.append(f"attention.scheme={scheme}")
         if scheme in LINEAR:
             ov.append(f"attention.linear_scheme={scheme}")
-            if "L" not in cfg.model.layer_kinds():
+            if not set("LDK") & set(cfg.model.layer_kinds()):  # no linear or delta-rule layer to run it
                 ov.append(f"model.layer_pattern={'L' * cfg.model.num_layers}")
     return Config.model_validate(apply_overrides(data, ov))
 

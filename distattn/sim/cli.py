@@ -63,6 +63,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=positive_int, default=8, help="KV heads; must divide --heads")
     p.add_argument("--head-dim", type=positive_int, default=128, help="head dimension")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="element type of q, k, v")
+    p.add_argument("--rule", choices=("decay", "gated_delta", "kda"), default="decay",
+                   help="the linear schemes' layer: decayed linear attention, or the delta rule of Gated "
+                        "DeltaNet / Kimi Delta Attention (lasp2, lasp1; --model takes it from its layer kinds)")
     p.add_argument("--model", default=None, choices=sorted(MODELS),
                    help="project a whole training step of this model (tokens/s, memory, max context) "
                         "instead of one attention layer")
@@ -122,13 +125,15 @@ def layer_rows(args, cluster, world: int, schemes: list[str]) -> list[dict]:
     rows = []
     for s in schemes:
         row = {"scheme": s, "gpus": world, "seq": seq}
+        linear = s in ("lasp2", "lasp1", "ring-linear")
         try:
-            lt = layer_time(s, w, cluster, world)
+            if linear and args.rule != "decay" and s == "ring-linear":
+                raise ValueError("no K/V ring model of the delta rule; use lasp2 or lasp1")
+            lt = layer_time(s, w, cluster, world, **({"rule": args.rule} if linear and args.rule != "decay" else {}))
         except (ValueError, AssertionError) as e:
             row.update(status=f"n/a: {str(e).splitlines()[0][:90]}")
             rows.append(row)
             continue
-        linear = s in ("lasp2", "lasp1", "ring-linear")
         row.update(status="ok", fwd_ms=lt.fwd_s * 1e3, bwd_ms=lt.bwd_s * 1e3, layer_ms=lt.total_s * 1e3,
                    compute_ms=lt.compute_s * 1e3, comm_ms=lt.comm_s * 1e3, exposed_ms=lt.exposed_s * 1e3,
                    mib_sent=lt.bytes_sent / 2**20, mem_gib=lt.mem_bytes / 2**30,
@@ -142,10 +147,13 @@ def model_rows(args, cluster, world: int, schemes: list[str]) -> list[dict]:
     model = MODELS[args.model]
     seq = _seq(args, world)
     rows = []
+    kinds = model.kinds
+    mixers = set(kinds) - {"N"}                        # linear ('L') and delta-rule ('D', 'K') layers
     for s in schemes:
         linear = s in ("lasp2", "lasp1", "ring-linear")
-        kinds = model.kinds
-        if linear and "L" not in kinds or not linear and "N" not in kinds:
+        if linear and not mixers or not linear and "N" not in kinds:
+            continue
+        if s == "ring-linear" and mixers & set("DK"):  # no K/V ring model of the delta rule
             continue
         kw = {"linear_scheme": s} if linear else {"softmax_scheme": s}
         if linear and "N" in kinds:
@@ -162,9 +170,14 @@ def model_rows(args, cluster, world: int, schemes: list[str]) -> list[dict]:
             continue
         row.update(status="ok", step_s=st.step_s, tokens_per_s=st.tokens_per_s, attention_s=st.attention_s,
                    dense_s=st.dense_s, grad_sync_s=st.grad_sync_s, mem_gib=st.mem_bytes / 2**30,
-                   fits=st.fits, max_context=mc, schemes=f"N:{st.softmax_scheme} L:{st.linear_scheme}")
+                   fits=st.fits, max_context=mc, schemes=_layer_schemes(kinds, st))
         rows.append(row)
     return rows
+
+
+def _layer_schemes(kinds: str, st) -> str:
+    """Which scheme each layer kind of the model ran on, e.g. 'N:ring D:lasp2'."""
+    return " ".join(f"{k}:{st.softmax_scheme if k == 'N' else st.linear_scheme}" for k in "NLDK" if k in kinds)
 
 
 def _fmt(v, nd=1):
@@ -285,7 +298,8 @@ def cmd_simulate(args) -> int:
     seq = _seq(args, args.gpus)
     what = (f"model {args.model}, one training step (ZeRO-{args.zero}, "
             f"{'no' if args.no_recompute else 'full'} recomputation)" if model else
-            f"one attention layer: {args.heads}/{args.kv_heads} heads x {args.head_dim}, {args.dtype}, causal")
+            f"one attention layer: {args.heads}/{args.kv_heads} heads x {args.head_dim}, {args.dtype}, causal"
+            + (f"; linear schemes run the {args.rule} rule" if args.rule != "decay" else ""))
     head = (f"distattn simulate: {args.gpus} GPUs, sequence {seq:,} tokens; {what}\n{cluster.describe()}"
             + (f"\ncalibration: {note}" if note else ""))
     text = head + "\n\n" + format_rows(rows, model)

@@ -33,6 +33,9 @@ paper on a linear-attention model)
     K/V chunks rotate as in ``ring`` (same traffic formula); each step adds
     the incoming chunk's state product (right product per step).
 
+Delta-rule layers (Gated DeltaNet, Kimi Delta Attention: ``rule=``) have their own FLOPs and
+schedules on lasp2 and lasp1 (`distattn.sim.delta`).
+
 Linear-attention FLOPs per token and head (block B, head dim d): forward
 4·B·d (masked intra-block products) + 4·d² (block state and its application),
 backward 2x forward.
@@ -447,7 +450,8 @@ def check_workload(w: AttnWorkload, world: int) -> None:
 def layer_time(name: str, w: AttnWorkload, cluster: Cluster, world: int, **opts) -> LayerTime:
     """Forward + backward of one attention layer of scheme ``name`` on ``world`` devices.
 
-    Arguments no model can run (and shapes a scheme cannot split) raise ConfigError."""
+    ``rule="gated_delta"`` or ``"kda"`` makes it a delta-rule layer on lasp2 or lasp1
+    (`distattn.sim.delta`). Arguments no model can run (and shapes a scheme cannot split) raise ConfigError."""
     from distattn.config import ConfigError
     check_workload(w, world)
     try:
@@ -458,7 +462,11 @@ def layer_time(name: str, w: AttnWorkload, cluster: Cluster, world: int, **opts)
         raise ConfigError(str(e)) from None
 
 
-def _layer_time(name: str, w: AttnWorkload, cluster: Cluster, world: int, **opts) -> LayerTime:
+def _layer_time(name: str, w: AttnWorkload, cluster: Cluster, world: int, rule: str | None = None,
+                **opts) -> LayerTime:
+    if rule is not None:  # a delta-rule layer (Gated DeltaNet, Kimi Delta Attention): distattn.sim.delta
+        from distattn.sim.delta import delta_layer_time
+        return delta_layer_time(name, w, cluster, world, rule, **opts)
     if not isinstance(name, str):
         raise ValueError(f"scheme {name!r}: expected a name from {', '.join(SIM_SCHEMES)} or usp:U")
     base, _, deg = name.partition(":")

@@ -1,10 +1,11 @@
 """A whole training step of a transformer on a context-parallel group: tokens/s and memory per GPU.
 
 Per rank (batch 1, the sequence split over W ranks, no tensor or pipeline
-parallelism): every layer costs its dense work (QKV/O projections and a SwiGLU
+parallelism): every layer costs its dense work (its projections and a SwiGLU
 MLP: 6 FLOPs per parameter per token, forward + backward) plus its attention
 layer (``layer_time`` of the softmax scheme for N layers, of the linear scheme
-for L layers); the LM head adds 6 x vocab x hidden per token; the gradients are
+for L layers, and of the linear scheme with the delta rule for D (Gated
+DeltaNet) and K (Kimi Delta Attention) layers, `distattn.sim.delta`); the LM head adds 6 x vocab x hidden per token; the gradients are
 all-reduced over the W ranks once per step (not overlapped); and
 ``step_overhead_s`` stands for everything else a real framework spends per
 step (optimizer, launch gaps, host work), which a measurement calibrates.
@@ -15,7 +16,9 @@ fp32 master weights and two Adam moments 12), of which ZeRO stage 1 shards the
 ``act_bytes_per_token`` per token and layer (34 x hidden x 2 bytes by default,
 Megatron's estimate with flash attention and no recomputation; with full
 recomputation only each layer's input, 2 x hidden bytes, is kept, plus one
-layer's full activations); plus the attention scheme's working set.
+layer's full activations); a delta-rule layer adds what its mixer saves beyond
+a softmax layer (the planner's census, `distattn.plan.memory`: the convolution's
+taps, the gates, the output gate); plus the attention scheme's working set.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ class ModelSpec:
     head_dim: int
     ffn: int
     vocab: int
-    pattern: str = ""  # per layer: N softmax, L linear; "" = all N
+    pattern: str = ""  # per layer: N softmax, L linear, D Gated DeltaNet, K Kimi Delta Attention; "" = all N
     dtype_bytes: int = 2
     grad_bytes: int = 4  # gradients are reduced in fp32
     act_bytes_per_token: float | None = None  # per layer; None: 34 * hidden * 2
@@ -50,12 +53,36 @@ class ModelSpec:
 
     @property
     def layer_params(self) -> int:
-        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        """A softmax (or linear) layer's projections and MLP (norms left out)."""
+        return self.kind_params("N")
+
+    def kind_params(self, kind: str) -> int:
+        """One layer's projections and MLP: 'N'/'L' q/k/v/o; 'D'/'K' the delta-rule mixer's q/k/v/o over
+        heads x head_dim, beta, its convolution and gates (as `distattn.plan.memory.layer_params`)."""
+        h, H, d = self.hidden, self.heads, self.head_dim
+        q, kv = H * d, self.kv_heads * d
+        if kind in ("D", "K"):
+            mixer = 3 * h * q + h * H + q * h + 3 * q * 4 + H + d
+            gates = h * H + h * q + H if kind == "D" else 2 * (h * d + d * q) + q
+            return mixer + gates + 3 * h * self.ffn
         return h * q + 2 * h * kv + q * h + 3 * h * self.ffn
 
     @property
     def params(self) -> int:
-        return self.layers * self.layer_params + (1 if self.tied_embeddings else 2) * self.vocab * self.hidden
+        return sum(self.kind_params(k) for k in self.kinds) + (1 if self.tied_embeddings else 2) * self.vocab * self.hidden
+
+    def act_bytes(self, kind: str) -> float:
+        """Saved activation bytes per token of one layer of `kind` without recomputation."""
+        base = self.act_bytes_per_token if self.act_bytes_per_token is not None else 34 * self.hidden * 2
+        if kind not in ("D", "K"):
+            return base
+        from types import SimpleNamespace
+
+        from distattn.plan.memory import _layer_saved
+        m = SimpleNamespace(hidden_size=self.hidden, num_attention_heads=self.heads, head_dim=self.head_dim,
+                            num_query_groups=self.kv_heads, ffn_hidden_size=self.ffn)
+        own = _layer_saved(m, self.dtype_bytes, kind=kind, cp=2)["full"] - _layer_saved(m, self.dtype_bytes)["full"]
+        return base + own
 
     def attn(self, seq: int) -> AttnWorkload:
         return AttnWorkload(seq=seq, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
@@ -69,7 +96,14 @@ MODELS: dict[str, ModelSpec] = {
     "llama3-1b": ModelSpec("llama3-1b", 16, 2048, 32, 8, 64, 8192, 128256, tied_embeddings=True),
     "llama3-8b": ModelSpec("llama3-8b", 32, 4096, 32, 8, 128, 14336, 128256),
     "llama3-8b-hybrid": ModelSpec("llama3-8b-hybrid", 32, 4096, 32, 8, 128, 14336, 128256, "LLLN" * 8),
+    # Qwen3-Next-style: Llama-3-8B's shape with three Gated DeltaNet layers to every softmax layer
+    "gdn-hybrid-8b": ModelSpec("gdn-hybrid-8b", 32, 4096, 32, 8, 128, 14336, 128256, "DDDN" * 8),
+    # Kimi-Linear-style: the same with Kimi Delta Attention
+    "kda-hybrid-8b": ModelSpec("kda-hybrid-8b", 32, 4096, 32, 8, 128, 14336, 128256, "KKKN" * 8),
 }
+
+LAYER_NAMES = {"N": "softmax", "L": "linear", "D": "gated_delta", "K": "kda"}
+
 
 
 @dataclass
@@ -115,27 +149,41 @@ def step_time(model: ModelSpec, seq: int, world: int, cluster: Cluster, softmax_
         raise ConfigError(f"step_overhead_s={step_overhead_s!r}: expected a finite number >= 0")
     t_local = math.ceil(seq / world)
     mm = cluster.device.matmul_time
-    dense_layer = mm(6.0 * model.layer_params * t_local, calls=21)
+    dense = sum(mm(6.0 * model.kind_params(k) * t_local, calls=21) for k in model.kinds)
     head = mm(6.0 * model.vocab * model.hidden * t_local, calls=3)
     kinds = model.kinds
     cache: dict[str, LayerTime] = {}
     for k in set(kinds):
-        name = softmax_scheme if k == "N" else linear_scheme
-        opts = {"sync_every_layer": lasp1_sync_every_layer, "layers": kinds.count("L")} if name == "lasp1" else {}
-        cache[k] = layer_time(name, model.attn(seq), cluster, world, **opts)
+        cache[k] = layer_time(softmax_scheme if k == "N" else linear_scheme, model.attn(seq), cluster, world,
+                              **_layer_opts(k, kinds, linear_scheme, lasp1_sync_every_layer))
     attn = sum(cache[k].total_s for k in kinds)
     grad = cluster.all_reduce(model.params * model.grad_bytes, world)
     if recompute:  # the forward runs twice
         attn += sum(cache[k].fwd_s for k in kinds)
-        dense_layer *= 4 / 3
-    total = step_overhead_s + model.layers * dense_layer + head + attn + grad
+        dense *= 4 / 3
+    total = step_overhead_s + dense + head + attn + grad
     mem = step_memory(model, seq, world, softmax_scheme, linear_scheme, zero_stage, recompute)
     return StepTime(model=model.name, softmax_scheme=softmax_scheme if "N" in kinds else "-",
-                    linear_scheme=linear_scheme if "L" in kinds else "-", world=world, seq=seq, step_s=total,
-                    tokens_per_s=seq / total, dense_s=model.layers * dense_layer + head, attention_s=attn,
+                    linear_scheme=linear_scheme if set("LDK") & set(kinds) else "-", world=world, seq=seq,
+                    step_s=total, tokens_per_s=seq / total, dense_s=dense + head, attention_s=attn,
                     grad_sync_s=grad, overhead_s=step_overhead_s, mem_bytes=mem,
                     fits=mem <= cluster.device.memory_bytes,
-                    layers={("softmax" if k == "N" else "linear"): lt.as_dict() for k, lt in cache.items()})
+                    layers={LAYER_NAMES[k]: lt.as_dict() for k, lt in cache.items()})
+
+
+def _layer_opts(kind: str, kinds: str, linear_scheme: str, sync_every_layer: bool) -> dict:
+    """layer_time's options for a layer of `kind`: the delta rule of 'D' and 'K'; for lasp1, whether
+    its chain waits every layer, and over how many layers it pipelines otherwise (linear layers: all
+    of them; delta layers: the longest run of them, as a softmax layer's exchange ends the pipeline)."""
+    from distattn.sim.delta import RULE_OF_KIND
+    opts = {"rule": RULE_OF_KIND[kind]} if kind in RULE_OF_KIND else {}
+    if kind != "N" and linear_scheme == "lasp1":
+        if kind == "L":
+            layers = kinds.count("L")
+        else:
+            layers = max(len(r) for r in "".join(c if c in "DK" else " " for c in kinds).split())
+        opts.update(sync_every_layer=sync_every_layer, layers=layers)
+    return opts
 
 
 def step_memory(model: ModelSpec, seq: int, world: int, softmax_scheme: str = "ring",
@@ -143,15 +191,24 @@ def step_memory(model: ModelSpec, seq: int, world: int, softmax_scheme: str = "r
     """Bytes per GPU: parameters with optimizer state, activations, the largest attention working set."""
     _check(seq, world, zero_stage)
     t_local = math.ceil(seq / world)
-    act = model.act_bytes_per_token if model.act_bytes_per_token is not None else 34 * model.hidden * 2
-    attn = max(attention_memory(softmax_scheme if k == "N" else linear_scheme, model.attn(seq), world)
-               for k in set(model.kinds))
+    attn = max(_attention_memory(model, k, seq, world, softmax_scheme, linear_scheme) for k in set(model.kinds))
     per_param = {0: 18.0, 1: 6.0 + 12.0 / world, 2: 2.0 + 16.0 / world}[zero_stage]
     if recompute:
-        acts = 2 * model.hidden * t_local * model.layers + act * t_local
+        acts = 2 * model.hidden * t_local * model.layers + max(model.act_bytes(k) for k in model.kinds) * t_local
     else:
-        acts = act * t_local * model.layers
+        acts = sum(model.act_bytes(k) for k in model.kinds) * t_local
     return per_param * model.params + acts + attn
+
+
+def _attention_memory(model: ModelSpec, kind: str, seq: int, world: int, softmax_scheme: str,
+                      linear_scheme: str) -> float:
+    if kind in ("D", "K"):
+        from distattn.sim.delta import delta_memory
+        if linear_scheme not in ("lasp2", "lasp1"):
+            from distattn.config import ConfigError
+            raise ConfigError(f"linear_scheme={linear_scheme!r}: delta-rule layers run on lasp2 or lasp1")
+        return delta_memory(linear_scheme, model.attn(seq), world)
+    return attention_memory(softmax_scheme if kind == "N" else linear_scheme, model.attn(seq), world)
 
 
 def max_context(model: ModelSpec, world: int, cluster: Cluster, granularity: int = 1024, **kw) -> int:
