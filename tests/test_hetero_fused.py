@@ -10,7 +10,9 @@ reference kernel (dense masked fp32 attention from the same mask function):
   contiguous layouts, W = 2 and 4), and the ledger equals `comm_bytes`;
 - flex_attention's forward on CPU with the BlockMask (no gradients) equals the
   blockwise path through `distattn.attention`;
-- selection: DISTATTN_HETERO_KERNEL, its errors and its log line.
+- selection: DISTATTN_HETERO_KERNEL, its errors and its log line, and the flex API it needs;
+- on a CUDA machine only (skipped elsewhere): compiled flex forward and backward equal the
+  blockwise path at W = 1, fp32 and bf16.
 """
 from __future__ import annotations
 
@@ -240,6 +242,44 @@ def test_kernel_choice(monkeypatch, caplog):
             hf.hetero_kernel(CPU, True)
     lines = [r.getMessage() for r in caplog.records if r.name == "distattn"]
     assert lines == ["hetero attention on cpu: blockwise kernel calls"]
+
+
+def test_flex_needs_the_block_mask_api(monkeypatch, caplog):
+    """A torch whose BlockMask.from_kv_blocks lacks seq_lengths cannot run the masks here
+    (their lengths are not whole tiles): auto stays blockwise on CUDA and says why; flex refuses."""
+    from types import SimpleNamespace
+
+    class Old:
+        @classmethod
+        def from_kv_blocks(cls, kv_num_blocks, kv_indices, full_kv_num_blocks=None,
+                           full_kv_indices=None, BLOCK_SIZE=128, mask_mod=None):
+            pass
+
+    class New(Old):
+        @classmethod
+        def from_kv_blocks(cls, kv_num_blocks, kv_indices, BLOCK_SIZE=128, seq_lengths=None):
+            pass
+
+    def flex_attention():
+        pass
+
+    assert hf._has_flex_api(SimpleNamespace(BlockMask=New, flex_attention=flex_attention))
+    assert not hf._has_flex_api(SimpleNamespace(BlockMask=Old, flex_attention=flex_attention))
+    assert not hf._has_flex_api(SimpleNamespace(flex_attention=flex_attention))
+    assert not hf._has_flex_api(SimpleNamespace(BlockMask=New))
+
+    monkeypatch.setattr(hf, "_flex_api", lambda: None)
+    monkeypatch.delenv(hf.ENV, raising=False)
+    hf._log_choice.cache_clear()
+    with caplog.at_level(logging.INFO, logger="distattn"):
+        assert hf.hetero_kernel(torch.device("cuda"), True) == "blocks"
+    line, = [r.getMessage() for r in caplog.records if r.name == "distattn"]
+    assert line.startswith("hetero attention on cuda: blockwise kernel calls (torch ")
+    assert "no flex_attention with the BlockMask API" in line
+    monkeypatch.setenv(hf.ENV, "flex")
+    with pytest.raises(ValueError, match=r"DISTATTN_HETERO_KERNEL=flex needs .*from_kv_blocks\(seq_lengths"):
+        hf.hetero_kernel(torch.device("cuda"), True)
+    hf._log_choice.cache_clear()
 
 
 # ----------------------------------------------------------------------------- CUDA (skipped without)

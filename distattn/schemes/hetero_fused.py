@@ -38,12 +38,14 @@ transfers: the one call per unit needs the fetched keys, and its backward yields
 their gradients only at its end.
 
 Selection (`hetero_kernel`): DISTATTN_HETERO_KERNEL=auto|blocks|flex; auto is flex
-on CUDA when torch has flex_attention, blocks elsewhere. The choice is logged once
-per device. Nothing of this path has run on a GPU yet: its speed there is unmeasured.
+on CUDA when torch has flex_attention whose `BlockMask.from_kv_blocks` takes
+`seq_lengths` (the masks here are not whole tiles long), blocks elsewhere. The
+choice is logged once per device. Nothing of this path has run on a GPU yet: its speed there is unmeasured.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 from typing import Callable, Sequence
@@ -64,16 +66,32 @@ TILE = 128  # BlockMask tile (query and key rows)
 
 # ----------------------------------------------------------------------------- selection
 
+def _has_flex_api(flex_module) -> bool:
+    """Does this flex_attention build take a BlockMask from tile lists at any sequence length
+    (`BlockMask.from_kv_blocks(..., seq_lengths=...)`), as `ClassMask.block_mask` needs?"""
+    block_mask = getattr(flex_module, "BlockMask", None)
+    if block_mask is None or not hasattr(flex_module, "flex_attention"):
+        return False
+    try:
+        params = inspect.signature(block_mask.from_kv_blocks).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return "seq_lengths" in params
+
+
 @functools.lru_cache(maxsize=None)
 def _flex_api():
     try:
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+        from torch.nn.attention import flex_attention as mod
     except Exception:  # torch without flex_attention
         return None
-    return flex_attention, BlockMask
+    if not _has_flex_api(mod):
+        return None
+    return mod.flex_attention, mod.BlockMask
 
 
 def flex_available() -> bool:
+    """torch has flex_attention with the BlockMask API this path uses."""
     return _flex_api() is not None
 
 
@@ -82,11 +100,15 @@ def hetero_kernel(device: torch.device, needs_grad: bool) -> str:
     want = os.environ.get(ENV, "auto")
     if want not in KERNELS:
         raise ValueError(f"{ENV}={want!r} is not a hetero kernel; use one of {', '.join(KERNELS)}")
+    why = ""
     if want == "auto":
         got = "flex" if device.type == "cuda" and flex_available() else "blocks"
+        if device.type == "cuda" and got == "blocks":
+            why = f" (torch {torch.__version__} has no flex_attention with the BlockMask API used here)"
     elif want == "flex":
         if not flex_available():
-            raise ValueError(f"{ENV}=flex needs torch.nn.attention.flex_attention, which torch "
+            raise ValueError(f"{ENV}=flex needs torch.nn.attention.flex_attention with "
+                             f"BlockMask.from_kv_blocks(seq_lengths=...), which torch "
                              f"{torch.__version__} does not have; set {ENV}=auto or blocks")
         if device.type != "cuda" and needs_grad:
             raise ValueError(f"{ENV}=flex: flex_attention has no backward on {device.type} (tensors "
@@ -94,15 +116,15 @@ def hetero_kernel(device: torch.device, needs_grad: bool) -> str:
         got = "flex"
     else:
         got = "blocks"
-    _log_choice(got, device.type)
+    _log_choice(got, device.type, why)
     return got
 
 
 @functools.lru_cache(maxsize=None)
-def _log_choice(kind: str, device: str) -> None:
+def _log_choice(kind: str, device: str, why: str = "") -> None:
     what = ("fused, one flex_attention call per head class and KV group" if kind == "flex"
             else "blockwise kernel calls")
-    log.info("hetero attention on %s: %s", device, what)
+    log.info("hetero attention on %s: %s%s", device, what, why)
 
 
 # ----------------------------------------------------------------------------- masks
