@@ -318,6 +318,10 @@ def test_bench_runs_on_cpu_and_refuses_what_it_cannot_run(ranks):
     assert row.kernel == "blocks" and 0 < row.density < 1 and row.hetero_bytes < row.ring_bytes
     assert row.vs_density == pytest.approx(row.hetero_compute_s / (row.density * row.ring_compute_s))
     assert "device=cpu hetero kernel=blocks" in format_table([row], spec)
+    one = HeteroBenchSpec(lengths=[256], heads=4, kv_heads=4, head_dim=16, world_size=1, iters=1,
+                          warmup=0, hetero=dict(block=16, stride=4))
+    row, = run_hetero_bench(one, pool=ranks.pool(1))  # one device: nothing is sent
+    assert row.ring_bytes == row.hetero_bytes == 0 and row.bytes_ratio == 1.0
     with pytest.raises(ValueError, match="device must be one of cpu, cuda, got 'tpu'"):
         HeteroBenchSpec(device="tpu")
     with pytest.raises(ValueError, match="kernel must be one of auto, blocks, flex"):

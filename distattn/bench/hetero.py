@@ -7,7 +7,8 @@ computed; the critical path is the max over ranks. Reported:
 
     density     hetero pairs / dense causal pairs   (the mask density, exact)
     speed-up    ring critical compute / hetero critical compute
-    bytes ratio hetero bytes per rank / ring bytes per rank (max over ranks)
+    bytes ratio hetero bytes per rank / ring bytes per rank (max over ranks); 1 when
+                neither sends anything (world_size 1, e.g. one GPU)
     vs d*ring   hetero critical compute / (density * ring critical compute): 1 is a
                 sparse kernel exactly as fast per computed pair as the dense one
 
@@ -155,6 +156,13 @@ def _rank_bench_on(spec: HeteroBenchSpec, n: int, which: str) -> dict:
                 bytes=ledger.totals().bytes_sent // spec.iters, pairs=pairs, kernel=kernel)
 
 
+def _ratio(a: int, b: int) -> float:
+    """a / b for byte counts; 1 when both are 0 (nothing sent, as at world_size 1)."""
+    if b:
+        return a / b
+    return 1.0 if a == 0 else float("inf")
+
+
 def run_hetero_bench(spec: HeteroBenchSpec, log=None, pool=None) -> list[HeteroRow]:
     from distattn.multiproc import RankPool
 
@@ -172,7 +180,7 @@ def run_hetero_bench(spec: HeteroBenchSpec, log=None, pool=None) -> list[HeteroR
             dens = sum(r["pairs"] for r in res["hetero"]) / sum(r["pairs"] for r in res["ring"])
             row = HeteroRow(n, dens, crit["ring"], crit["hetero"], crit["ring"] / crit["hetero"],
                             wall["ring"], wall["hetero"], wall["ring"] / wall["hetero"],
-                            byts["ring"], byts["hetero"], byts["hetero"] / byts["ring"],
+                            byts["ring"], byts["hetero"], _ratio(byts["hetero"], byts["ring"]),
                             crit["hetero"] / (dens * crit["ring"]), res["hetero"][0]["kernel"])
             rows.append(row)
             if log:
