@@ -259,7 +259,12 @@ def _compiled_flex():
 
 
 def flex_kernel(q, k, v, mask: ClassMask, scale: float) -> torch.Tensor:
-    """flex_attention with the class's BlockMask: compiled on CUDA, eager elsewhere (forward only)."""
+    """flex_attention with the class's BlockMask: compiled on CUDA, eager elsewhere (forward only).
+
+    Not compiled on CPU: there inductor's flex template computed the first shapes exactly but
+    then failed to build its C++ kernel once the key length turned dynamic (torch 2.13).
+    On CUDA torch.compile specialises on the first unit's shapes and recompiles once with
+    dynamic lengths when a unit of another length follows (unmeasured on a GPU so far)."""
     fn = _compiled_flex() if q.device.type == "cuda" else _flex_api()[0]
     b = [x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)]  # [1, H, T, D]
     out = fn(*b, block_mask=mask.block_mask(), scale=scale, enable_gqa=q.shape[1] != k.shape[1])
