@@ -39,7 +39,7 @@ import torch
 
 from distattn.comm import Comm
 from distattn.kernels.softmax import (add_kv_parts, block_backward_parts, block_forward, check_shapes,
-                                      default_scale, plan_calls)
+                                      default_scale, plan_calls, prefers_head_major)
 from distattn.layout import Run
 from distattn.schemes.base import (AttnShape, CommVolume, Scheme, make_comm, register,
                                    total_tokens)
@@ -82,7 +82,8 @@ class _Buffers:
         self.keep = device.type == "cpu"  # CUDA's caching allocator already reuses freed blocks
         self.local: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, tokens: int) -> torch.Tensor:
+    def get(self, name: str, tokens: int, head_major: bool = False) -> torch.Tensor:
+        """[2, tokens, Hkv, D]; with `head_major` each half is stored [Hkv, tokens, D]."""
         key = (name, self.dtype, self.device, self.numel)
         flat = self.local.get(name)
         if flat is None:
@@ -94,24 +95,42 @@ class _Buffers:
                         del _STORE.flat[old]  # one size per name and dtype: the newest shape
                     _STORE.flat[key] = flat
             self.local[name] = flat
-        return flat[: 2 * tokens * self.row[0] * self.row[1]].view(2, tokens, *self.row)
+        used = flat[: 2 * tokens * self.row[0] * self.row[1]]
+        if head_major:
+            return used.view(2, self.row[0], tokens, self.row[1]).transpose(1, 2)
+        return used.view(2, tokens, *self.row)
 
 
-def _post_kv(comm: Comm, k: torch.Tensor, v: torch.Tensor, into: torch.Tensor):
+def _post_kv(comm: Comm, k: torch.Tensor, v: torch.Tensor, into: torch.Tensor, head_major: bool):
+    """Send K and V on, receive the next block into `into`; head-major blocks travel as the
+    contiguous [Hkv, T, D] tensors they are stored as."""
     nxt, prv = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
-    return comm.exchange([(k, nxt), (v, nxt)], [(into[0], prv), (into[1], prv)])
+    wire = (lambda x: x.transpose(0, 1)) if head_major else (lambda x: x)
+    return comm.exchange([(wire(k), nxt), (wire(v), nxt)], [(wire(into[0]), prv), (wire(into[1]), prv)])
+
+
+def _local_head_major(bufs: _Buffers, k: torch.Tensor, v: torch.Tensor):
+    """This rank's K/V copied head-major into the slot step 0 computes on and sends from
+    (slot 1: step s receives into slot s % 2, so slot 1 is free until step 1)."""
+    kv = bufs.get("kv1", k.shape[0], head_major=True)
+    kv[0].copy_(k)
+    kv[1].copy_(v)
+    return kv[0], kv[1]
 
 
 def ring_forward(comm: Comm, q, k, v, plan: RingPlan, scale: float):
     """fp32 (out, lse) of local q over the whole ring's K/V."""
     W = comm.size
+    hm = prefers_head_major(q.device)
     bufs = _Buffers(k.dtype, k.device, tuple(k.shape[1:]), max(plan.sizes))
+    if hm:
+        k, v = _local_head_major(bufs, k, v)
     out = lse = None
     for s in range(W):
         pending = None
         if s < W - 1:  # post the next hop before computing this block
-            recv = bufs.get(f"kv{s % 2}", plan.sizes[plan.src(s + 1)])
-            pending = _post_kv(comm, k, v, recv)
+            recv = bufs.get(f"kv{s % 2}", plan.sizes[plan.src(s + 1)], hm)
+            pending = _post_kv(comm, k, v, recv, hm)
         out, lse = block_forward(q, k, v, plan.calls[s], scale, out, lse)
         if pending is not None:
             pending.wait()
@@ -132,12 +151,15 @@ def ring_backward(comm: Comm, dout, q, k, v, out, lse, plan: RingPlan, scale: fl
     W, nxt, prv = comm.size, (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
     f32 = torch.float32
     row, rows = tuple(k.shape[1:]), max(plan.sizes)
+    hm = prefers_head_major(q.device)
+    kv_bufs = _Buffers(k.dtype, k.device, row, rows)
+    if hm:  # the kernel's gradients come back packed [T, H, D]: accumulators stay packed
+        k, v = _local_head_major(kv_bufs, k, v)
     if W == 1:
         dq, parts = block_backward_parts(dout, q, k, v, out, lse, plan.calls[0], scale)
         g = torch.empty((2, *k.shape), dtype=f32, device=k.device)
         add_kv_parts(g[0], g[1], parts, fresh=True)
         return dq, g[0], g[1]
-    kv_bufs = _Buffers(k.dtype, k.device, row, rows)
     acc_bufs = _Buffers(f32, k.device, row, rows)
     wire_bufs = _Buffers(dkv_dtype, k.device, row, rows) if dkv_dtype != f32 else None
     dq = None
@@ -145,8 +167,8 @@ def ring_backward(comm: Comm, dout, q, k, v, out, lse, plan: RingPlan, scale: fl
     for s in range(W):
         kv_pending = None
         if s < W - 1:
-            recv = kv_bufs.get(f"kv{s % 2}", plan.sizes[plan.src(s + 1)])
-            kv_pending = _post_kv(comm, k, v, recv)
+            recv = kv_bufs.get(f"kv{s % 2}", plan.sizes[plan.src(s + 1)], hm)
+            kv_pending = _post_kv(comm, k, v, recv, hm)
         dq, parts = block_backward_parts(dout, q, k, v, out, lse, plan.calls[s], scale, dq)
         size = plan.sizes[plan.src(s)]
         if dkv_pending is None and _whole(parts, size) and parts[0][1].dtype == dkv_dtype:
