@@ -33,6 +33,7 @@ peak        the largest of three moments of the backward, each counted as the
                 ulysses    the head-sharded full-sequence q, k, v, out and
                            their gradients
                 lasp2      the gathered per-rank states (H*D*D fp32 each)
+              delta_backward      the same for a delta-rule layer (see Layer kinds)
             Communication buffers are live only while attention runs, so they
             add to the peak only when that moment is the largest.
 
@@ -61,10 +62,25 @@ keeps only the MLP input per token and rebuilds one tile's SwiGLU activations
 in the backward; with recomputation the rebuilt layer stops at the last tile's
 input, and the pre-MLP norm's backward after the tiles can set the peak.
 
-Layer kinds: every layer is planned as a softmax layer ('N'). Linear ('L')
-and Gated DeltaNet ('D') layers get its parameters and activations; a 'D'
-layer's own (q/k/v, gate and output-gate projections, the convolution's input
-and output, per-head d x d states) are not modelled.
+Layer kinds (model.layer_pattern), each with its own parameters and saved
+tensors: 'N' as above; 'L' (linear attention) the same plus its normalised
+output, and no RoPE tables unless some layer is 'N'; 'D' (Gated DeltaNet) and
+'K' (Kimi Delta Attention) keep the norms and the MLP and, from a census of
+their mixers, the short convolution's four gathered taps, its output and
+SiLU's, the normalised q and k, the decay's fp32 steps (per head, or per key
+channel for 'K'), beta, the output norm and gate, and the core's inputs (fp32
+copies of v, alpha, beta; on one device also the state entering every chunk);
+'L', 'D' and 'K' take their communication buffers from attention.linear_scheme.
+Each kind's moments are taken at its last layer (the backward meets it
+first, with every earlier layer's activations still saved). A delta-rule
+layer's attention moment (`delta_backward`) holds, beside its saved tensors,
+the kernel's backward (`_delta_backward`: the chunk factors rebuilt, with their
+pairwise decays while they fit the kernel's keep budget, the reverse sweep,
+the gradients per chunk group and scattered back; under cp also the scheme's
+whole fp32 gradients). Measured (fp32, DDN and KKN, 2K-32K tokens, cp 1 and 2,
+lasp2 and lasp1, all three recompute modes): 0.95-1.05 of the step's peak.
+These are distattn's chunked kernel's tensors (kernels/delta.py, which CPU runs
+and CUDA without flash-linear-attention use); fla's CUDA kernels keep others.
 
 The longest context is the largest seq_len (a multiple of 2*cp, as zigzag
 needs) whose predicted peak fits the budget, found by bisection.
