@@ -194,6 +194,11 @@ def _layer_saved(m, s: int, tp: int = 1, sp: bool = False, kind: str = "N", cp: 
             "full": core + attn_rest + mlp}
 
 
+def saved_per_token(m, kind: str = "N", s: int = 4, cp: int = 1) -> float:
+    """Bytes one layer of `kind` saves per token without recomputation (no tensor parallelism)."""
+    return _layer_saved(m, s, kind=kind, cp=cp)["full"]
+
+
 def delta_chunk(kind: str) -> int:
     """The delta-rule kernel's default chunk (distattn.kernels.delta.default_chunk): GDN 32, KDA 16."""
     return 32 if kind == "D" else 16

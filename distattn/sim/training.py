@@ -78,11 +78,11 @@ class ModelSpec:
             return base
         from types import SimpleNamespace
 
-        from distattn.plan.memory import _layer_saved
+        from distattn.plan.memory import saved_per_token
         m = SimpleNamespace(hidden_size=self.hidden, num_attention_heads=self.heads, head_dim=self.head_dim,
                             num_query_groups=self.kv_heads, ffn_hidden_size=self.ffn)
-        own = _layer_saved(m, self.dtype_bytes, kind=kind, cp=2)["full"] - _layer_saved(m, self.dtype_bytes)["full"]
-        return base + own
+        e = self.dtype_bytes
+        return base + saved_per_token(m, kind, e, cp=2) - saved_per_token(m, "N", e)
 
     def attn(self, seq: int) -> AttnWorkload:
         return AttnWorkload(seq=seq, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
