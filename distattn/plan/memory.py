@@ -237,9 +237,9 @@ def _delta_backward(m, kind: str, T: int, cp: int) -> float:
     intra-chunk outputs, the chunk maps (A, B), and, while they total at most _KEEP_BUDGET pair
     elements, every group's intermediates (G, exp G, K~, K^, U~, W; the pairwise decays of k.k and
     q.k, [C] per head for GDN and [C, d] for KDA; I + A and P, [C] per head). Then dO, dQe, the
-    reverse sweep's dB and dA, the gradients of every group; then the larger of one group's backward
-    temporaries and the gradients scattered back to tokens with one concatenation. Under cp the scheme also holds the five fp32 gradients whole and
-    the states entering each chunk.
+    reverse sweep's dB and dA, the gradients of every group; then the larger of one group's
+    backward temporaries and the gradients scattered back to tokens with one concatenation. Under
+    cp the scheme also holds the five fp32 gradients whole and the states entering each chunk.
     """
     from distattn.kernels.delta import _KEEP_BUDGET, _PAIR_BUDGET
     H, d = m.num_attention_heads, m.head_dim

@@ -5,8 +5,9 @@ parallelism): every layer costs its dense work (its projections and a SwiGLU
 MLP: 6 FLOPs per parameter per token, forward + backward) plus its attention
 layer (``layer_time`` of the softmax scheme for N layers, of the linear scheme
 for L layers, and of the linear scheme with the delta rule for D (Gated
-DeltaNet) and K (Kimi Delta Attention) layers, `distattn.sim.delta`); the LM head adds 6 x vocab x hidden per token; the gradients are
-all-reduced over the W ranks once per step (not overlapped); and
+DeltaNet) and K (Kimi Delta Attention) layers, `distattn.sim.delta`); the LM
+head adds 6 x vocab x hidden per token; the gradients are all-reduced over the
+W ranks once per step (not overlapped); and
 ``step_overhead_s`` stands for everything else a real framework spends per
 step (optimizer, launch gaps, host work), which a measurement calibrates.
 
@@ -69,7 +70,8 @@ class ModelSpec:
 
     @property
     def params(self) -> int:
-        return sum(self.kind_params(k) for k in self.kinds) + (1 if self.tied_embeddings else 2) * self.vocab * self.hidden
+        embeddings = (1 if self.tied_embeddings else 2) * self.vocab * self.hidden
+        return sum(self.kind_params(k) for k in self.kinds) + embeddings
 
     def act_bytes(self, kind: str) -> float:
         """Saved activation bytes per token of one layer of `kind` without recomputation."""
