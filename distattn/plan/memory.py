@@ -230,7 +230,7 @@ def _delta_saved(m, s: int, kind: str, cp: int) -> tuple[float, float, float, fl
     return core, conv + gates + out_side, (hd + g + H) * 4, out_side
 
 
-def _delta_backward(m, kind: str, T: int, cp: int) -> float:
+def _delta_backward(m, kind: str, T: int, cp: int, runs: int = 1) -> float:
     """Per-token bytes the delta-rule kernel's backward holds beyond the saved tensors (fp32).
 
     `ChunkFactors` rebuilt with `keep_saved`: the chunked fp32 q/k/v/log-gate/beta, Qe and the
@@ -240,6 +240,10 @@ def _delta_backward(m, kind: str, T: int, cp: int) -> float:
     reverse sweep's dB and dA, the gradients of every group; then the larger of one group's
     backward temporaries and the gradients scattered back to tokens with one concatenation. Under
     cp the scheme also holds the five fp32 gradients whole and the states entering each chunk.
+    The keep budget applies per call of the kernel: per run of the rank's `runs` (a zigzag rank's
+    two halves), counted as whole chunks of one document. Packed documents add a partial chunk
+    each, so a run within a few chunks of the budget drops the intermediates and the plan is then
+    high (tiny KKN, 16K tokens on one rank, two documents: 1.64x measured with full recomputation).
     """
     from distattn.kernels.delta import _KEEP_BUDGET, _PAIR_BUDGET
     H, d = m.num_attention_heads, m.head_dim
@@ -248,7 +252,7 @@ def _delta_backward(m, kind: str, T: int, cp: int) -> float:
     ins = 3 * hd + g + H                              # q, k, v, log-gate, beta (and their gradients)
     dd = hd * d / C                                   # one d x d matrix per head and chunk
     per = ins + 2 * hd + 2 * dd                       # the factors: inputs, Qe, Oi, map A and B
-    if T * pair <= _KEEP_BUDGET:
+    if -(-T // runs) * pair <= _KEEP_BUDGET:
         per += 4 * hd + 2 * g + 2 * pair + 2 * H * C  # the kept intermediates
     per += 2 * hd + 2 * dd + ins                      # dO, dQe, dB, dA; the gradients of every group
     if cp > 1:
@@ -404,6 +408,8 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
     gathered, root_grad = _fsdp_terms(m, kinds, P, tp, s, T) if getattr(t, "shard", "none") == "fsdp" else (0, 0)
     phases = [("loss", loss, gathered)]
     lin = getattr(cfg.attention, "linear_scheme", "lasp2") if cp > 1 else "local"
+    # a rank's runs of tokens, each one call of the delta kernel: a zigzag rank holds two halves
+    runs = 2 if lin == "lasp2" and getattr(cfg.attention, "layout", "zigzag") in ("zigzag", "doc_zigzag") else 1
     for k in parts:
         # 2. the last layer's MLP backward: its activations (rebuilt, with
         #    recomputation, together with the rebuilt forward's h-wide output) and
@@ -430,7 +436,7 @@ def predict_memory(cfg, seq_len: int | None = None, cp: int | None = None, dp: i
         attn = upto[k] + redo[k] - parts[k]["mlp"] + (h * s if sp else 0)
         if k in ("D", "K"):
             hd = m.num_attention_heads * d
-            attn += (hd + h) * s - parts[k]["out_side"] + _delta_backward(m, k, T, cp)
+            attn += (hd + h) * s - parts[k]["out_side"] + _delta_backward(m, k, T, cp, runs)
         else:
             attn += (2 * h + 4 * kv * d) * s / tp
         comm_bwd = _comm_buffers(scheme if k == "N" else lin, cp, T, m, s, tp)[1]
