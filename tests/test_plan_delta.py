@@ -67,7 +67,7 @@ def test_a_delta_layers_activations_grow_with_the_census_slope(kind, own):
 
 def test_planned_peak_of_a_delta_model_matches_a_measured_step():
     """DDN, full recomputation, 4096 tokens on one rank: the peak is the delta backward's (measured
-    65.6 MiB, planned 67.8; docs: 0.96-1.05 over 2K-32K tokens, cp 1 and 2, DDN and KKN)."""
+    65.6 MiB, planned 67.8; see distattn/plan/memory.py for the other points)."""
     from distattn.bench.memory import measure
     cfg = tiny("DDN")
     plan = predict_memory(cfg, 4096, cp=1, scheme="local", recompute="full")
