@@ -136,8 +136,21 @@ def test_input_dtype_dkv_on_the_wire(ranks):
 
 
 def repeated_calls(n, h, hkv, d, layout):
-    """Two ring calls with the same shapes and different inputs: the second reuses the first's
-    buffers, and what the first returned is not overwritten by it."""
+    """Two ring calls with the same shapes and different inputs inside `kept_ring_buffers`: the
+    second reuses the first's buffers, and what the first returned is not overwritten by it. Outside
+    the scope nothing stays."""
+    import torch.distributed as dist
+
+    import distattn
+    from distattn.schemes import ring
+    with distattn.kept_ring_buffers():
+        got = _repeated_calls(n, h, hkv, d, layout)
+        got["kept_inside"] = sorted(k[0] for k in ring._STORE.flat)
+    got["kept_after"] = len(ring._STORE.flat)
+    return got
+
+
+def _repeated_calls(n, h, hkv, d, layout):
     import torch.distributed as dist
 
     import distattn
@@ -169,5 +182,6 @@ def test_buffers_reused_across_calls_stay_exact(ranks, layout):
     ref.backward(dout)
     for r in res:
         assert r["first_unchanged"]
+        assert r["kept_inside"] == ["acc0", "acc1", "kv0", "kv1"] and r["kept_after"] == 0
         for got, want in zip(r["second"], (ref.detach(), qr.grad, kr.grad, vr.grad)):
             torch.testing.assert_close(got, want[r["idx"]], **TOL["fp32"])

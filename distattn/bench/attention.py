@@ -170,6 +170,14 @@ def _make_step(spec: BenchSpec, name: str, group, ledger):
 
 
 def _rank_bench(spec: BenchSpec, name: str) -> dict:
+    """One rank's timings of `name`. Ring buffers are kept between steps, as a training step's
+    layers keep them between calls (`kept_ring_buffers`)."""
+    from distattn.schemes.ring import kept_ring_buffers
+    with kept_ring_buffers():
+        return _rank_bench_steps(spec, name)
+
+
+def _rank_bench_steps(spec: BenchSpec, name: str) -> dict:
     import torch.distributed as dist
 
     from distattn.comm import CommLedger
@@ -204,17 +212,19 @@ def _rank_pair(spec: BenchSpec, names: tuple[str, str], rounds: int) -> dict[str
     import torch.distributed as dist
 
     from distattn.comm import CommLedger
+    from distattn.schemes.ring import kept_ring_buffers
 
     group = dist.group.WORLD
-    steps = {n: _make_step(spec, n, group, CommLedger()) for n in names}
-    for step in steps.values():
-        for _ in range(max(1, spec.warmup)):
-            step()
     got: dict[str, list[float]] = {n: [] for n in names}
-    a, b = names
-    for _ in range(rounds):
-        for n in (a, b, b, a):
-            got[n] += timed_steps(steps[n], 1, group)[0]
+    with kept_ring_buffers():  # as in _rank_bench
+        steps = {n: _make_step(spec, n, group, CommLedger()) for n in names}
+        for step in steps.values():
+            for _ in range(max(1, spec.warmup)):
+                step()
+        a, b = names
+        for _ in range(rounds):
+            for n in (a, b, b, a):
+                got[n] += timed_steps(steps[n], 1, group)[0]
     return got
 
 

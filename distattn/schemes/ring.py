@@ -24,13 +24,16 @@ Buffers: K and V travel as two messages per hop, received into halves of a
 the one being received into), so no hop packs or copies K/V. The backward's
 dK/dV accumulators alternate the same way: the one arriving from the previous
 rank becomes this step's accumulator and this rank's kernel gradients are added
-into it, so no accumulator is zero-filled after step 0. On CPU the buffers are
-kept per thread between calls of the same shapes (a fresh large tensor costs
-page faults on every first touch); `release_ring_buffers()` frees them. Nothing
-a call returns or saves aliases them.
+into it, so no accumulator is zero-filled after step 0. Inside
+`kept_ring_buffers()` (the trainer holds one over each micro-batch's forward
+and one over its backward) CPU calls keep these buffers for the next call of
+the same shapes, so a pass's layers reuse them instead of paying page faults on
+the first touch of fresh large tensors; leaving it frees them. Outside it
+nothing is kept. Nothing a call returns or saves aliases them.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -63,14 +66,25 @@ class RingPlan:
 class _Store(threading.local):
     def __init__(self):
         self.flat: dict[tuple, torch.Tensor] = {}
+        self.depth = 0
 
 
 _STORE = _Store()
 
 
-def release_ring_buffers() -> None:
-    """Free the K/V and dK/dV buffers this thread keeps between ring calls."""
-    _STORE.flat.clear()
+@contextlib.contextmanager
+def kept_ring_buffers():
+    """Keep this thread's ring K/V and dK/dV buffers between calls until the outermost scope ends.
+
+    The trainer holds one over a micro-batch's forward and another over its backward, so the
+    buffers are gone at the loss, as the memory planner counts them (one layer's, per pass)."""
+    _STORE.depth += 1
+    try:
+        yield
+    finally:
+        _STORE.depth -= 1
+        if _STORE.depth == 0:
+            _STORE.flat.clear()
 
 
 class _Buffers:
@@ -79,7 +93,8 @@ class _Buffers:
     def __init__(self, dtype: torch.dtype, device: torch.device, row: tuple[int, int], rows: int):
         self.dtype, self.device, self.row = dtype, device, row
         self.numel = 2 * rows * row[0] * row[1]
-        self.keep = device.type == "cpu"  # CUDA's caching allocator already reuses freed blocks
+        # CUDA's caching allocator already reuses freed blocks; CPU keeps them only inside kept_ring_buffers()
+        self.keep = device.type == "cpu" and _STORE.depth > 0
         self.local: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, tokens: int, head_major: bool = False) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from distattn.comm import Comm, CommError, CommLedger
 from distattn.config import Config, save_config
 from distattn.mesh import MeshShape, ParallelMesh
+from distattn.schemes.ring import kept_ring_buffers
 from distattn.train.schedule import lr_lambda
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
@@ -264,19 +265,22 @@ class Trainer:
         for b in batches:
             tokens, labels, mask, pos = self._local(b)
             self.ctx.set_batch(b.cu_seqlens, pos, b.tokens.numel())
-            with self._offload():
+            # a ring's K/V and dK/dV buffers serve every layer of a pass; they are freed between the
+            # forward and the backward, where the loss's tensors peak (as plan.memory counts them)
+            with kept_ring_buffers(), self._offload():
                 if self.tp_comm is not None:
                     from distattn.train.tp_step import tp_loss
-                    loss = tp_loss(model, tokens, labels, mask, pos, denom, cfg.model.loss_tile, self.tp_comm,
-                                   cfg.parallel.sequence_parallel)
+                    loss = tp_loss(model, tokens, labels, mask, pos, denom, cfg.model.loss_tile,
+                                   self.tp_comm, cfg.parallel.sequence_parallel)
                 else:
                     loss = self._loss(model, tokens, labels, mask, pos, denom, cfg.model.loss_tile)
             loss_sum += loss.detach()
-            if self.engine is not None:
-                with self._zero_comm():
-                    self.engine.backward(loss * scale)
-            else:
-                loss.backward()
+            with kept_ring_buffers():
+                if self.engine is not None:
+                    with self._zero_comm():
+                        self.engine.backward(loss * scale)
+                else:
+                    loss.backward()
 
     def _fsdp_comm(self):
         """FSDP's collectives of the step, counted in the ledger under "fsdp" (train.shard=fsdp)."""
