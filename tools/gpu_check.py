@@ -530,7 +530,7 @@ def part_kernels(args, budget: Budget) -> dict:
     dev = torch.device(args.device)
     backends = ["auto"]
     if dev.type == "cuda":  # each CUDA backend by name too; one not installed is recorded as unavailable
-        backends += ["cuda-sdpa", "flash-attn"]
+        backends += ["cuda-sdpa", "flash-attn", "cudnn"]  # cudnn last: it may crash the process
     done: list = []
 
     def on_row(r):

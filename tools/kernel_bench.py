@@ -79,7 +79,7 @@ def block_row(q, k, v, do, layout: str, world: int, iters: int, backend: str = "
     row = {"name": f"block {layout}/{backend}", "kind": "block", "layout": layout, "world": world,
            "backend": backend}
     try:
-        be = select_backend(dev) if backend == "auto" else select_backend(dev, prefer=backend)
+        be = select_backend(dev, prefer=backend, dtype=dt, head_dim=d)  # auto: the self-tested choice
         row["backend_name"] = getattr(be, "name", type(be).__name__)
         lay = get_layout(layout, n, world)
         runs = lay.runs(0)
@@ -187,7 +187,7 @@ def main(argv=None):
                     help=f"comma-separated SDPA kernels of {', '.join(SDPA_KERNELS)} ('' for none)")
     ap.add_argument("--block-backends", default="auto",
                     help="comma-separated backends for our block path: auto (select_backend's pick) or names "
-                         "select_backend accepts, e.g. cuda-sdpa,flash-attn")
+                         "select_backend accepts, e.g. cudnn,cuda-sdpa,flash-attn")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = ap.parse_args(argv)
     sdpa = [s for s in a.sdpa.split(",") if s]

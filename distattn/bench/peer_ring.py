@@ -78,7 +78,7 @@ def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_l
     from distattn.kernels.backends import select_backend
 
     _check_options(dropout_p, window_size_left, window_size_right, softcap, alibi_slopes)
-    be = select_backend(q.device)
+    be = select_backend(q.device, dtype=q.dtype, head_dim=q.shape[-1])
     out, lse = be.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale)
     return out.transpose(1, 2), lse, None, None
 
@@ -90,7 +90,7 @@ def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p,
     from distattn.kernels.backends import select_backend
 
     _check_options(dropout_p, window_size_left, window_size_right, softcap, alibi_slopes)
-    be = select_backend(q.device)
+    be = select_backend(q.device, dtype=q.dtype, head_dim=q.shape[-1])
     gq, gk, gv = be.backward(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                              out.transpose(1, 2), softmax_lse, causal, softmax_scale)
     dq.copy_(gq.transpose(1, 2))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 from typing import Protocol
 
 import torch
@@ -91,6 +93,31 @@ class CudaSdpa:
         return dq, _fold_kv_grad(dk, hkv), _fold_kv_grad(dv, hkv)
 
 
+class CudnnSdpa:
+    """torch's cuDNN attention (fp16/bf16). Used only where `cuda_select`'s self-test passed it:
+    torch 2.11's bf16 backward failed our reference on odd lengths and crashed on others."""
+
+    name = "cudnn"
+
+    def forward(self, q, k, v, causal, scale):
+        h = q.shape[1]
+        k, v = _expand_kv(k, h), _expand_kv(v, h)
+        res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+        lse = res[1]
+        return res[0], lse[..., 0] if lse.dim() == 4 else lse
+
+    def backward(self, do, q, k, v, o, lse, causal, scale):
+        h, hkv = q.shape[1], k.shape[1]
+        ke, ve = _expand_kv(k, h), _expand_kv(v, h)
+        none = q.new_empty(0)  # no bias, no cumulative lengths (dense batch)
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        cum = torch.empty(0, dtype=torch.int32, device=q.device)
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+            do, q, ke, ve, o, lse.unsqueeze(-1).contiguous(), seed, seed, none, cum, cum, q.shape[2],
+            k.shape[2], 0.0, causal, scale=scale)
+        return dq, _fold_kv_grad(dk, hkv), _fold_kv_grad(dv, hkv)
+
+
 class FlashAttn:
     """The flash-attn package (optional `gpu` extra), GQA without KV copies."""
 
@@ -145,6 +172,7 @@ class NullKernel:
 
 _CPU = CpuFlash()
 _CUDA = CudaSdpa()
+_CUDNN = CudnnSdpa()
 
 
 _OVERRIDE: list[Backend] = []
@@ -160,8 +188,16 @@ def override_backend(backend: Backend):
         _OVERRIDE.pop()
 
 
-def select_backend(device: torch.device, prefer: str = "auto") -> Backend:
-    """Pick the kernel for a device at run time: flash-attn if installed on CUDA."""
+CUDA_KERNELS = ("auto", "cudnn", "cuda-sdpa", "flash-attn")
+
+
+def select_backend(device: torch.device, prefer: str = "auto", dtype: torch.dtype | None = None,
+                   head_dim: int | None = None) -> Backend:
+    """Pick the kernel for a device at run time.
+
+    CUDA with `prefer="auto"`: `DISTATTN_CUDA_KERNEL` when set, else the fastest kernel that passed
+    `cuda_select`'s exactness self-test for this dtype and head dim (run once per device, torch
+    version, dtype and head dim, cached on disk, logged)."""
     if _OVERRIDE:
         return _OVERRIDE[-1]
     if device.type == "cpu":
@@ -169,10 +205,34 @@ def select_backend(device: torch.device, prefer: str = "auto") -> Backend:
             raise ValueError(f"kernel backend {prefer!r} is not available on CPU; use 'auto' or 'cpu-flash'")
         return _CPU
     if device.type == "cuda":
-        if prefer == "flash-attn" or (prefer == "auto" and _flash_attn_available()):
-            return FlashAttn()
-        if prefer in ("auto", "cuda-sdpa"):
-            return _CUDA
-        raise ValueError(f"kernel backend {prefer!r} is not available on CUDA; use 'auto', "
-                         "'cuda-sdpa' or 'flash-attn' (pip install distattn[gpu])")
+        if prefer not in CUDA_KERNELS:
+            raise ValueError(f"kernel backend {prefer!r} is not available on CUDA; use one of "
+                             f"{', '.join(CUDA_KERNELS)} (flash-attn: pip install distattn[gpu])")
+        if prefer == "auto":
+            prefer = os.environ.get("DISTATTN_CUDA_KERNEL", "auto")
+            if prefer not in CUDA_KERNELS:
+                raise ValueError(f"DISTATTN_CUDA_KERNEL={prefer!r}: use one of {', '.join(CUDA_KERNELS)}")
+        if prefer == "auto":
+            dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+            # the self-test's candidates are half-precision kernels; fp32 takes the memory-efficient one
+            prefer = _tested_choice(str(device), dt, head_dim) if dt and head_dim else "cuda-sdpa"
+        return _named(prefer)
     raise ValueError(f"no attention kernel for device {device}; distattn runs on cpu and cuda")
+
+
+def _named(name: str) -> Backend:
+    if name == "flash-attn":
+        if not _flash_attn_available():
+            raise ValueError("kernel backend 'flash-attn' needs the flash-attn package "
+                             "(pip install distattn[gpu]); or use 'auto' or 'cuda-sdpa'")
+        return FlashAttn()
+    return _CUDNN if name == "cudnn" else _CUDA
+
+
+@functools.lru_cache(maxsize=None)
+def _tested_choice(device: str, dtype: str, head_dim: int) -> str:
+    from distattn.kernels import cuda_select
+    cands = tuple(c for c in cuda_select.CANDIDATES if c != "flash-attn" or _flash_attn_available())
+    choice, verdicts = cuda_select.self_test(dtype, head_dim, device, cands)
+    print(cuda_select.describe(choice, verdicts), file=sys.stderr, flush=True)
+    return choice

@@ -196,7 +196,7 @@ def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, calls: Sequ
     Without them, a first call that covers every query row becomes the accumulator
     itself (no zero-filled buffer, no merge).
     """
-    be = backend or select_backend(q.device)
+    be = backend or select_backend(q.device, dtype=q.dtype, head_dim=q.shape[-1])
     with region("compute/attn_fwd"):
         for c in calls:
             o, l = be.forward(_view(q, c.q0, c.q1), _view(k, c.k0, c.k1), _view(v, c.k0, c.k1), c.causal,
@@ -234,7 +234,7 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     gradients simply add up. Accumulates into fp32 dq/dk/dv (allocated if None).
     `out` and `dout` are in q's dtype.
     """
-    be = backend or select_backend(q.device)
+    be = backend or select_backend(q.device, dtype=q.dtype, head_dim=q.shape[-1])
     f32 = torch.float32
     dq = torch.zeros(q.shape, dtype=f32, device=q.device) if dq is None else dq
     dk = torch.zeros(k.shape, dtype=f32, device=k.device) if dk is None else dk
@@ -262,7 +262,7 @@ def block_backward_parts(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 
     Returns (dq, parts). Without a `dq`, a first call that covers every query row
     becomes dq itself (no zero-filled buffer)."""
-    be = backend or select_backend(q.device)
+    be = backend or select_backend(q.device, dtype=q.dtype, head_dim=q.shape[-1])
     parts: list[KVGrad] = []
     with region("compute/attn_bwd"):
         for c in calls:
