@@ -130,3 +130,17 @@ def test_simulate_cli(tmp_path, capsys):
     assert main(["simulate", "--gpus", "64", "--seq", "1048576", "--model", "llama3-8b-hybrid",
                  "--schemes", "ring,allgather,lasp2,lasp1"]) == 0
     assert "max context" in capsys.readouterr().out
+
+
+def test_simulated_memory_is_the_planners():
+    """simulate --model and plan memory give one answer: the Llama-3-8B preset at cp=8, 262K tokens,
+    ZeRO-2, full recomputation, whole logits and with loss tiles."""
+    from distattn.config import load_config
+    from distattn.plan.memory import predict_memory
+    big = MODELS["llama3-8b"]
+    for tile in (0, 4096):
+        cfg = load_config(None, ["model.preset=llama3_8b", "model.dtype=bf16", "model.recompute=full",
+                                 "train.zero_stage=2", "parallel.cp=8", f"model.loss_tile={tile}"])
+        for scheme in ("ring", "allgather"):
+            want = predict_memory(cfg, 262144, cp=8, scheme=scheme).total
+            assert step_memory(big, 262144, 8, scheme, zero_stage=2, recompute=True, loss_tile=tile) == want

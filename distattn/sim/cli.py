@@ -44,7 +44,7 @@ def _is_usp(name: str) -> bool:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from distattn.cli_args import HelpFormatter, nonneg_float, positive_int
+    from distattn.cli_args import HelpFormatter, nonneg_float, nonneg_int, positive_int
     from distattn.sim.cluster import PRESETS
     from distattn.sim.training import MODELS
 
@@ -76,6 +76,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="--model: ZeRO stage over the GPUs for optimizer state / gradients")
     p.add_argument("--no-recompute", action="store_true",
                    help="--model: keep all activations (default: full activation recomputation)")
+    p.add_argument("--loss-tile", type=nonneg_int, default=0, metavar="TOKENS",
+                   help="--model: the output layer and loss over tiles of this many tokens (model.loss_tile; "
+                        "0: the whole logits, which set the peak at long contexts)")
     p.add_argument("--overhead", type=nonneg_float, default=0.0,
                    help="--model: framework overhead per step in seconds")
     p.add_argument("--calibrate", default=None, metavar="JSON",
@@ -160,7 +163,7 @@ def model_rows(args, cluster, world: int, schemes: list[str]) -> list[dict]:
             kw["softmax_scheme"] = "allgather"
         row = {"scheme": s, "gpus": world, "seq": seq, "model": model.name}
         try:
-            mem_kw = {"zero_stage": args.zero, "recompute": not args.no_recompute}
+            mem_kw = {"zero_stage": args.zero, "recompute": not args.no_recompute, "loss_tile": args.loss_tile}
             st = step_time(model, seq, world, cluster, step_overhead_s=args.overhead,
                            lasp1_sync_every_layer=False, **kw, **mem_kw)
             mc = max_context(model, world, cluster, **kw, **mem_kw)
@@ -297,7 +300,8 @@ def cmd_simulate(args) -> int:
     rows = rowfn(args, cluster, args.gpus, schemes)
     seq = _seq(args, args.gpus)
     what = (f"model {args.model}, one training step (ZeRO-{args.zero}, "
-            f"{'no' if args.no_recompute else 'full'} recomputation)" if model else
+            f"{'no' if args.no_recompute else 'full'} recomputation"
+            + (f", loss tiles of {args.loss_tile}" if args.loss_tile else "") + ")" if model else
             f"one attention layer: {args.heads}/{args.kv_heads} heads x {args.head_dim}, {args.dtype}, causal"
             + (f"; linear schemes run the {args.rule} rule" if args.rule != "decay" else ""))
     head = (f"distattn simulate: {args.gpus} GPUs, sequence {seq:,} tokens; {what}\n{cluster.describe()}"

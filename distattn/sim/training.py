@@ -11,15 +11,10 @@ W ranks once per step (not overlapped); and
 ``step_overhead_s`` stands for everything else a real framework spends per
 step (optimizer, launch gaps, host work), which a measurement calibrates.
 
-Memory per rank: 18 bytes per parameter (bf16 weights 2, fp32 gradients 4,
-fp32 master weights and two Adam moments 12), of which ZeRO stage 1 shards the
-12 and stage 2 also the gradients over the W ranks; plus activations,
-``act_bytes_per_token`` per token and layer (34 x hidden x 2 bytes by default,
-Megatron's estimate with flash attention and no recomputation; with full
-recomputation only each layer's input, 2 x hidden bytes, is kept, plus one
-layer's full activations); a delta-rule layer adds what its mixer saves beyond
-a softmax layer (the planner's census, `distattn.plan.memory`: the convolution's
-taps, the gates, the output gate); plus the attention scheme's working set.
+Memory per rank is the memory planner's (`distattn.plan.memory.predict_memory`
+on `model_config(model, ...)`), the same answer `distattn plan memory` gives:
+parameters, gradients and AdamW state with ZeRO sharding, saved activations per
+layer kind, the loss's logits and the backward's transients, the scheme's buffers.
 """
 from __future__ import annotations
 
@@ -27,9 +22,9 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from distattn.sim.cluster import Cluster
-from distattn.sim.model import AttnWorkload, LayerTime, attention_memory, layer_time
+from distattn.sim.model import AttnWorkload, LayerTime, layer_time
 
-__all__ = ["ModelSpec", "MODELS", "StepTime", "step_time", "step_memory", "max_context"]
+__all__ = ["ModelSpec", "MODELS", "StepTime", "model_config", "step_time", "step_memory", "max_context"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +40,6 @@ class ModelSpec:
     pattern: str = ""  # per layer: N softmax, L linear, D Gated DeltaNet, K Kimi Delta Attention; "" = all N
     dtype_bytes: int = 2
     grad_bytes: int = 4  # gradients are reduced in fp32
-    act_bytes_per_token: float | None = None  # per layer; None: 34 * hidden * 2
     tied_embeddings: bool = False
 
     @property
@@ -72,19 +66,6 @@ class ModelSpec:
     def params(self) -> int:
         embeddings = (1 if self.tied_embeddings else 2) * self.vocab * self.hidden
         return sum(self.kind_params(k) for k in self.kinds) + embeddings
-
-    def act_bytes(self, kind: str) -> float:
-        """Saved activation bytes per token of one layer of `kind` without recomputation."""
-        base = self.act_bytes_per_token if self.act_bytes_per_token is not None else 34 * self.hidden * 2
-        if kind not in ("D", "K"):
-            return base
-        from types import SimpleNamespace
-
-        from distattn.plan.memory import saved_per_token
-        m = SimpleNamespace(hidden_size=self.hidden, num_attention_heads=self.heads, head_dim=self.head_dim,
-                            num_query_groups=self.kv_heads, ffn_hidden_size=self.ffn)
-        e = self.dtype_bytes
-        return base + saved_per_token(m, kind, e, cp=2) - saved_per_token(m, "N", e)
 
     def attn(self, seq: int) -> AttnWorkload:
         return AttnWorkload(seq=seq, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
@@ -142,7 +123,8 @@ def _check(seq, world, zero_stage) -> None:
 
 def step_time(model: ModelSpec, seq: int, world: int, cluster: Cluster, softmax_scheme: str = "ring",
               linear_scheme: str = "lasp2", step_overhead_s: float = 0.0,
-              lasp1_sync_every_layer: bool = True, zero_stage: int = 0, recompute: bool = False) -> StepTime:
+              lasp1_sync_every_layer: bool = True, zero_stage: int = 0, recompute: bool = False,
+              loss_tile: int = 0) -> StepTime:
     """One training step of ``model`` on a sequence of ``seq`` tokens split over ``world`` devices."""
     _check(seq, world, zero_stage)
     if isinstance(step_overhead_s, bool) or not isinstance(step_overhead_s, (int, float)) \
@@ -164,7 +146,7 @@ def step_time(model: ModelSpec, seq: int, world: int, cluster: Cluster, softmax_
         attn += sum(cache[k].fwd_s for k in kinds)
         dense *= 4 / 3
     total = step_overhead_s + dense + head + attn + grad
-    mem = step_memory(model, seq, world, softmax_scheme, linear_scheme, zero_stage, recompute)
+    mem = step_memory(model, seq, world, softmax_scheme, linear_scheme, zero_stage, recompute, loss_tile)
     return StepTime(model=model.name, softmax_scheme=softmax_scheme if "N" in kinds else "-",
                     linear_scheme=linear_scheme if set("LDK") & set(kinds) else "-", world=world, seq=seq,
                     step_s=total, tokens_per_s=seq / total, dense_s=dense + head, attention_s=attn,
@@ -188,29 +170,43 @@ def _layer_opts(kind: str, kinds: str, linear_scheme: str, sync_every_layer: boo
     return opts
 
 
+def model_config(model: ModelSpec, world: int, softmax_scheme: str = "ring", linear_scheme: str = "lasp2",
+                 zero_stage: int = 0, recompute: bool = False, loss_tile: int = 0):
+    """`model` as a distattn config (bf16, cp = world, ZeRO stage, full recomputation or none, the
+    loss over tiles of `loss_tile` tokens or whole), so
+    that the memory planner (`distattn.plan.memory`) prices the simulator's steps: `simulate`,
+    `plan memory` and `plan parallel` give one answer."""
+    from distattn.config import load_config
+    _check(2 * world, world, zero_stage)
+    sets = [f"model.num_layers={model.layers}", f"model.hidden_size={model.hidden}",
+            f"model.num_attention_heads={model.heads}", f"model.num_query_groups={model.kv_heads}",
+            f"model.ffn_hidden_size={model.ffn}", f"model.vocab_size={model.vocab}",
+            f"model.layer_pattern={model.kinds}", f"model.tie_embeddings={str(model.tied_embeddings).lower()}",
+            f"model.dtype={'bf16' if model.dtype_bytes == 2 else 'fp32'}",
+            f"model.recompute={'full' if recompute else 'none'}", f"train.zero_stage={zero_stage}",
+            f"model.loss_tile={loss_tile}", f"parallel.cp={world}", f"data.seq_len={2 * world * 64}",
+            f"attention.linear_scheme={linear_scheme if linear_scheme in ('lasp2', 'lasp1') else 'lasp2'}"]
+    return load_config(None, sets)
+
+
+def _planner_scheme(name: str) -> str:
+    """The memory planner's name for a simulator scheme: variants share their buffers."""
+    if name.startswith("usp"):
+        return "usp"
+    return {"ring-basic": "ring", "ring-linear": "ring"}.get(name, name)
+
+
 def step_memory(model: ModelSpec, seq: int, world: int, softmax_scheme: str = "ring",
-                linear_scheme: str = "lasp2", zero_stage: int = 0, recompute: bool = False) -> float:
-    """Bytes per GPU: parameters with optimizer state, activations, the largest attention working set."""
+                linear_scheme: str = "lasp2", zero_stage: int = 0, recompute: bool = False,
+                loss_tile: int = 0, cfg=None) -> float:
+    """Peak bytes per GPU of a training step, by the memory planner (`plan.memory.predict_memory`):
+    parameters, gradients and AdamW state (ZeRO-sharded over the world), saved activations, the
+    loss's logits and the backward's transients, the scheme's buffers. `cfg`: `model_config`'s."""
+    from distattn.plan.memory import predict_memory
     _check(seq, world, zero_stage)
-    t_local = math.ceil(seq / world)
-    attn = max(_attention_memory(model, k, seq, world, softmax_scheme, linear_scheme) for k in set(model.kinds))
-    per_param = {0: 18.0, 1: 6.0 + 12.0 / world, 2: 2.0 + 16.0 / world}[zero_stage]
-    if recompute:
-        acts = 2 * model.hidden * t_local * model.layers + max(model.act_bytes(k) for k in model.kinds) * t_local
-    else:
-        acts = sum(model.act_bytes(k) for k in model.kinds) * t_local
-    return per_param * model.params + acts + attn
-
-
-def _attention_memory(model: ModelSpec, kind: str, seq: int, world: int, softmax_scheme: str,
-                      linear_scheme: str) -> float:
-    if kind in ("D", "K"):
-        from distattn.sim.delta import delta_memory
-        if linear_scheme not in ("lasp2", "lasp1"):
-            from distattn.config import ConfigError
-            raise ConfigError(f"linear_scheme={linear_scheme!r}: delta-rule layers run on lasp2 or lasp1")
-        return delta_memory(linear_scheme, model.attn(seq), world)
-    return attention_memory(softmax_scheme if kind == "N" else linear_scheme, model.attn(seq), world)
+    cfg = cfg or model_config(model, world, softmax_scheme, linear_scheme, zero_stage, recompute, loss_tile)
+    return float(predict_memory(cfg, seq, cp=world, scheme=_planner_scheme(softmax_scheme),
+                                recompute="full" if recompute else "none").total)
 
 
 def max_context(model: ModelSpec, world: int, cluster: Cluster, granularity: int = 1024, **kw) -> int:
@@ -222,10 +218,13 @@ def max_context(model: ModelSpec, world: int, cluster: Cluster, granularity: int
     g = max(granularity, 2 * world)
     g = math.lcm(g, 2 * world)
 
-    schemes = {k: kw[k] for k in ("softmax_scheme", "linear_scheme", "zero_stage", "recompute") if k in kw}
+    schemes = {k: kw[k] for k in ("softmax_scheme", "linear_scheme", "zero_stage", "recompute", "loss_tile")
+               if k in kw}
+
+    cfg = model_config(model, world, **schemes)
 
     def fits(n: int) -> bool:
-        return step_memory(model, n, world, **schemes) <= cluster.device.memory_bytes
+        return step_memory(model, n, world, **schemes, cfg=cfg) <= cluster.device.memory_bytes
 
     lo, hi = 0, g
     while fits(hi):
