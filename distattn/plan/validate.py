@@ -9,7 +9,7 @@ document (what `--calibrate` does with `distattn bench attention --json`), its l
 on one host. The question per setting: is the planner's first choice within 5 % of the measured
 best (never worse than 15 %)?
 
-    python -m distattn.plan.validate [--quick] [--json PATH]
+    python -m distattn.plan.validate [--quick] [--only TEXT] [--iters N] [--json PATH]
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def judge(s: Setting, predicted: dict[str, float], measured: dict[str, float]) -
     return Verdict(s.name, predicted, measured, choice, best, measured[choice] / measured[best] - 1)
 
 
-def run(quick: bool = False, iters: int = 2, log=print) -> tuple[list[Verdict], float]:
+def run(quick: bool = False, iters: int = 2, log=print, only: str | None = None) -> tuple[list[Verdict], float]:
     from distattn.multiproc import RankPool
     rate = calibrate_rate(1024 if quick else 4096)
     cluster = cpu_cluster(rate)
@@ -125,6 +125,8 @@ def run(quick: bool = False, iters: int = 2, log=print) -> tuple[list[Verdict], 
     pool = RankPool(WORLD, threads=1)
     try:
         for s in settings(quick):
+            if only and only not in s.name:
+                continue
             v = judge(s, predict(s, cluster), measure(s, pool, iters))
             log(f"  {s.name}: planner {v.choice}, measured best {v.best}, loss {v.loss:+.1%}")
             verdicts.append(v)
@@ -152,8 +154,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="two tiny settings (seconds): the harness itself")
     ap.add_argument("--iters", type=int, default=2, help="timed steps per candidate (median)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the verdicts here")
+    ap.add_argument("--only", default=None, metavar="TEXT", help="only the settings whose name contains TEXT")
     a = ap.parse_args(argv)
-    verdicts, rate = run(a.quick, a.iters)
+    if a.only and not any(a.only in s.name for s in settings(a.quick)):
+        names = ", ".join(s.name for s in settings(a.quick))
+        ap.error(f"--only {a.only!r} matches no setting; the settings are: {names}")
+    verdicts, rate = run(a.quick, a.iters, only=a.only)
     print(format_verdicts(verdicts))
     if a.json:
         with open(a.json, "w") as f:
