@@ -3,7 +3,6 @@ squares that stay exact for every layout, and buffers reused across steps and ca
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from distattn.kernels import block_forward, plan_calls, reference_attention, tot
 from distattn.layout import get_layout
 from distattn.schemes.ring import RingPlan
 from schemes_util import DTYPES, full_inputs, run_scheme
+from test_kernels import runs_for
 
 TOL = {"fp32": dict(atol=3e-5, rtol=3e-4), "bf16": dict(atol=2e-2, rtol=2e-2)}
 
@@ -66,20 +66,6 @@ def test_fused_plans_compute_exactly_the_visible_pairs(layout, n, world, cu):
             assert sum(c.causal for c in calls) <= len(doc_runs)
 
 
-def _runs(pieces, cu):
-    """Runs of a buffer holding the global ranges `pieces` in order."""
-    runs, local = [], 0
-    for s, e in pieces:
-        i = s
-        while i < e:
-            doc = max(j for j in range(len(cu) - 1) if cu[j] <= i)
-            end = min(e, cu[doc + 1])
-            runs.append(SimpleNamespace(local_start=local, start=i, length=end - i, doc=doc, doc_start=cu[doc]))
-            local += end - i
-            i = end
-    return runs
-
-
 def test_fused_squares_match_the_reference_on_random_buffers():
     rng = random.Random(3)
     fused = 0
@@ -93,7 +79,7 @@ def test_fused_squares_match_the_reference_on_random_buffers():
         rng.shuffle(others)
         at = rng.randint(0, len(others))
         k_pieces = others[:at] + mine + others[at:]  # the key buffer holds my stretch contiguously
-        q_runs, k_runs = _runs(mine, cu), _runs(k_pieces, cu)
+        q_runs, k_runs = runs_for(mine, cu), runs_for(k_pieces, cu)
         calls = plan_calls(q_runs, k_runs, True)
         fused += sum(c.causal and c.q1 - c.q0 > max(r.length for r in q_runs) for c in calls)
         assert total_pairs(calls) == _visible_pairs(q_runs, k_runs, True)
