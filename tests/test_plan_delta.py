@@ -139,3 +139,25 @@ def test_profiling_a_linear_scheme_keeps_the_delta_layers():
     from distattn.profile.run import scheme_config
     assert scheme_config(tiny("DDN"), "lasp2", 2).model.layer_kinds() == "DDN"
     assert scheme_config(tiny("NN"), "lasp2", 2).model.layer_kinds() == "LL"
+
+
+def test_step_model_prices_delta_layers_by_their_rule():
+    """plan parallel's step model gives 'D' and 'K' layers the delta rule's cost (sim.delta), not
+    decayed linear attention's: the same config with LLLN, DDDN and KKKN gives three attention times."""
+    from distattn.config import load_config
+    from distattn.plan.step_model import estimate_step
+    from distattn.sim.cluster import get_cluster
+    from distattn.sim.delta import RULE_OF_KIND
+    from distattn.sim.model import AttnWorkload, layer_time
+    c = get_cluster("h100")
+    times = {}
+    for pat in ("LLLN", "DDDN", "KKKN"):
+        cfg = load_config(None, ["model.preset=llama3_8b", "model.dtype=bf16", f"model.layer_pattern={pat * 8}",
+                                 "parallel.cp=8", "data.seq_len=262144"])
+        times[pat] = estimate_step(cfg, c).attention_s
+    assert len({round(t, 6) for t in times.values()}) == 3
+    w = AttnWorkload(seq=262144, heads=32, kv_heads=8, head_dim=128, dtype_bytes=2)
+    n = layer_time("ring", w, c, 8).total_s
+    for pat, kind in (("DDDN", "D"), ("KKKN", "K")):
+        delta = layer_time("lasp2", w, c, 8, rule=RULE_OF_KIND[kind]).total_s
+        assert times[pat] == pytest.approx(8 * n + 24 * delta, rel=1e-9)

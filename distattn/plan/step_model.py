@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 from distattn.plan.memory import param_count, predict_memory
 from distattn.sim.cluster import Cluster
+from distattn.sim.delta import RULE_OF_KIND
 from distattn.sim.model import AttnWorkload, layer_time
 
 # schemes whose transfers run beside their kernels (the layer's time is the larger of the two)
@@ -74,13 +75,14 @@ class StepEstimate:
 
 
 def attention_layer_time(name: str, w: AttnWorkload, cluster: Cluster, cp: int,
-                         balance: DocBalance | None = None) -> tuple[float, float, float, float]:
+                         balance: DocBalance | None = None, **opts) -> tuple[float, float, float, float]:
     """(time, compute, exposed transfers, forward time) of one attention layer, forward + backward, of
-    scheme `name` (a simulator name) over `cp` ranks, corrected for the documents' `balance`."""
+    scheme `name` (a simulator name) over `cp` ranks, corrected for the documents' `balance`; `opts`
+    go to the simulator's `layer_time` (`rule=` for a delta-rule layer)."""
     balance = balance or DocBalance()
-    if cp == 1:
-        name = "ring"  # one rank: the ring model with one step is the local kernel
-    lt = layer_time(name, w, cluster, cp)
+    if cp == 1:  # one rank: the one-step model of the scheme is the local kernel
+        name = "lasp2" if opts.get("rule") else "ring"
+    lt = layer_time(name, w, cluster, cp, **opts)
     base = name.partition(":")[0]
     compute = lt.compute_s * balance.work
     if base in OVERLAPPED:
@@ -92,13 +94,13 @@ def attention_layer_time(name: str, w: AttnWorkload, cluster: Cluster, cp: int,
     return total, compute, max(total - compute, 0.0), fwd
 
 
-def _attention(name: str, cfg, cluster: Cluster, balance: DocBalance) -> tuple[float, float, float, float]:
+def _attention(name: str, cfg, cluster: Cluster, balance: DocBalance, **opts) -> tuple[float, float, float, float]:
     """`attention_layer_time` on this config's heads per tp rank and cp group."""
     m, par = cfg.model, cfg.parallel
     w = AttnWorkload(seq=cfg.data.seq_len, heads=m.num_attention_heads // par.tp,
                      kv_heads=max(1, m.num_query_groups // par.tp), head_dim=m.head_dim,
                      dtype_bytes=2 if m.dtype == "bf16" else 4)
-    return attention_layer_time(name, w, cluster, par.cp, balance)
+    return attention_layer_time(name, w, cluster, par.cp, balance, **opts)
 
 
 def sim_scheme_name(scheme: str, ulysses: int = 1) -> str:
@@ -139,7 +141,8 @@ def estimate_step(cfg, cluster: Cluster, balance: DocBalance | None = None,
         if name == "local":
             name = "lasp2"
         bal = balance if k == "N" else DocBalance()
-        cache[k] = _attention(name, cfg, cluster, bal)
+        opts = {"rule": RULE_OF_KIND[k]} if k in RULE_OF_KIND else {}  # 'D', 'K': the delta rule's own cost
+        cache[k] = _attention(name, cfg, cluster, bal, **opts)
     attn = sum(cache[k][0] for k in kinds)
     attn_compute = sum(cache[k][1] for k in kinds)
     exposed_attn = sum(cache[k][2] for k in kinds)
