@@ -22,12 +22,12 @@ Memory comes from the memory planner (`distattn.plan.memory.predict_memory`), so
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from distattn.plan.memory import param_count, predict_memory
 from distattn.sim.cluster import Cluster
 from distattn.sim.delta import RULE_OF_KIND
-from distattn.sim.model import AttnWorkload, layer_time
+from distattn.sim.model import AttnWorkload, LayerTime, layer_time
 
 # schemes whose transfers run beside their kernels (the layer's time is the larger of the two)
 OVERLAPPED = ("ring", "usp", "lasp2", "cad")
@@ -63,6 +63,7 @@ class StepEstimate:
     mem_bytes: float
     fits: bool
     balance: DocBalance
+    layer_times: dict = field(default_factory=dict)  # layer kind -> the simulator's LayerTime (as a dict)
 
     @property
     def exposed_fraction(self) -> float:
@@ -79,6 +80,12 @@ def attention_layer_time(name: str, w: AttnWorkload, cluster: Cluster, cp: int,
     """(time, compute, exposed transfers, forward time) of one attention layer, forward + backward, of
     scheme `name` (a simulator name) over `cp` ranks, corrected for the documents' `balance`; `opts`
     go to the simulator's `layer_time` (`rule=` for a delta-rule layer)."""
+    return _layer(name, w, cluster, cp, balance, **opts)[0]
+
+
+def _layer(name: str, w: AttnWorkload, cluster: Cluster, cp: int, balance: DocBalance | None = None,
+           **opts) -> tuple[tuple[float, float, float, float], LayerTime]:
+    """`attention_layer_time` and the simulator's LayerTime it came from."""
     balance = balance or DocBalance()
     if cp == 1:  # one rank: the one-step model of the scheme is the local kernel
         name = "lasp2" if opts.get("rule") else "ring"
@@ -91,16 +98,16 @@ def attention_layer_time(name: str, w: AttnWorkload, cluster: Cluster, cp: int,
     else:
         total = lt.total_s - lt.compute_s + compute
     fwd = lt.fwd_s * (total / lt.total_s if lt.total_s > 0 else 1.0)
-    return total, compute, max(total - compute, 0.0), fwd
+    return (total, compute, max(total - compute, 0.0), fwd), lt
 
 
-def _attention(name: str, cfg, cluster: Cluster, balance: DocBalance, **opts) -> tuple[float, float, float, float]:
-    """`attention_layer_time` on this config's heads per tp rank and cp group."""
+def _attention(name: str, cfg, cluster: Cluster, balance: DocBalance, **opts):
+    """`_layer` on this config's heads per tp rank and cp group."""
     m, par = cfg.model, cfg.parallel
     w = AttnWorkload(seq=cfg.data.seq_len, heads=m.num_attention_heads // par.tp,
                      kv_heads=max(1, m.num_query_groups // par.tp), head_dim=m.head_dim,
                      dtype_bytes=2 if m.dtype == "bf16" else 4)
-    return attention_layer_time(name, w, cluster, par.cp, balance, **opts)
+    return _layer(name, w, cluster, par.cp, balance, **opts)
 
 
 def sim_scheme_name(scheme: str, ulysses: int = 1) -> str:
@@ -114,8 +121,12 @@ def sim_scheme_name(scheme: str, ulysses: int = 1) -> str:
 
 
 def estimate_step(cfg, cluster: Cluster, balance: DocBalance | None = None,
-                  step_overhead_s: float = 0.0, budget_bytes: float | None = None) -> StepEstimate:
-    """One training step of `cfg` (its model, parallel, attention, train sections) on `cluster`."""
+                  step_overhead_s: float = 0.0, budget_bytes: float | None = None,
+                  layers: dict[str, tuple[str, dict]] | None = None) -> StepEstimate:
+    """One training step of `cfg` (its model, parallel, attention, train sections) on `cluster`.
+
+    `layers` sets, per layer kind, the simulator's scheme name and `layer_time` options where the
+    config cannot say them (`simulate`'s ring-basic, ring-linear, lasp1 synchronised every layer)."""
     from distattn.model.tensor_parallel import tp_step_bytes
     balance = balance or DocBalance()
     m, par, a, t = cfg.model, cfg.parallel, cfg.attention, cfg.train
@@ -136,13 +147,16 @@ def estimate_step(cfg, cluster: Cluster, balance: DocBalance | None = None,
     dense = cluster.device.matmul_time(per_token * T, calls=21 * m.num_layers)
     kinds = m.layer_kinds()
     cache: dict[str, tuple] = {}
+    lts: dict[str, LayerTime] = {}
     for k in set(kinds):
         name = sim_scheme_name(a.scheme, par.ulysses) if k == "N" else a.linear_scheme
         if name == "local":
             name = "lasp2"
-        bal = balance if k == "N" else DocBalance()
         opts = {"rule": RULE_OF_KIND[k]} if k in RULE_OF_KIND else {}  # 'D', 'K': the delta rule's own cost
-        cache[k] = _attention(name, cfg, cluster, bal, **opts)
+        if layers and k in layers:
+            name, opts = layers[k]
+        bal = balance if k == "N" else DocBalance()
+        cache[k], lts[k] = _attention(name, cfg, cluster, bal, **opts)
     attn = sum(cache[k][0] for k in kinds)
     attn_compute = sum(cache[k][1] for k in kinds)
     exposed_attn = sum(cache[k][2] for k in kinds)
@@ -169,7 +183,8 @@ def estimate_step(cfg, cluster: Cluster, balance: DocBalance | None = None,
                         dense_s=micro * dense, attention_s=micro * attn,
                         attention_compute_s=micro * attn_compute,
                         exposed_comm_s=micro * (exposed_attn + tp_s) + grad, tp_s=micro * tp_s,
-                        grad_sync_s=grad, mem_bytes=mem, fits=mem <= budget, balance=balance)
+                        grad_sync_s=grad, mem_bytes=mem, fits=mem <= budget, balance=balance,
+                        layer_times={k: lt.as_dict() for k, lt in lts.items()})
 
 
 __all__ = ["DocBalance", "StepEstimate", "attention_layer_time", "estimate_step", "sim_scheme_name"]

@@ -1,20 +1,13 @@
 """A whole training step of a transformer on a context-parallel group: tokens/s and memory per GPU.
 
-Per rank (batch 1, the sequence split over W ranks, no tensor or pipeline
-parallelism): every layer costs its dense work (its projections and a SwiGLU
-MLP: 6 FLOPs per parameter per token, forward + backward) plus its attention
-layer (``layer_time`` of the softmax scheme for N layers, of the linear scheme
-for L layers, and of the linear scheme with the delta rule for D (Gated
-DeltaNet) and K (Kimi Delta Attention) layers, `distattn.sim.delta`); the LM
-head adds 6 x vocab x hidden per token; the gradients are all-reduced over the
-W ranks once per step (not overlapped); and
-``step_overhead_s`` stands for everything else a real framework spends per
-step (optimizer, launch gaps, host work), which a measurement calibrates.
-
-Memory per rank is the memory planner's (`distattn.plan.memory.predict_memory`
-on `model_config(model, ...)`), the same answer `distattn plan memory` gives:
-parameters, gradients and AdamW state with ZeRO sharding, saved activations per
-layer kind, the loss's logits and the backward's transients, the scheme's buffers.
+`step_time` is the planner's step model (`distattn.plan.step_model.estimate_step`) on the model
+spec made a config (`model_config`), with the simulator's own scheme names and options per layer
+kind (ring-basic, ring-linear, lasp1 synchronised every layer): dense work at 6 FLOPs per parameter
+and token (8 with recomputation), each layer's attention from `sim.model.layer_time` (the delta
+rule for 'D' and 'K' layers, `sim.delta`), the gradient all-reduce, and ``step_overhead_s`` for
+everything else a framework spends per step, which a measurement calibrates. Memory is the memory
+planner's (`plan.memory.predict_memory`). So `simulate`, `plan memory` and `plan parallel` give one
+answer.
 """
 from __future__ import annotations
 
@@ -22,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from distattn.sim.cluster import Cluster
-from distattn.sim.model import AttnWorkload, LayerTime, layer_time
+from distattn.sim.model import AttnWorkload
 
 __all__ = ["ModelSpec", "MODELS", "StepTime", "model_config", "step_time", "step_memory", "max_context"]
 
@@ -131,28 +124,18 @@ def step_time(model: ModelSpec, seq: int, world: int, cluster: Cluster, softmax_
             or not 0 <= step_overhead_s < float("inf"):
         from distattn.config import ConfigError
         raise ConfigError(f"step_overhead_s={step_overhead_s!r}: expected a finite number >= 0")
-    t_local = math.ceil(seq / world)
-    mm = cluster.device.matmul_time
-    dense = sum(mm(6.0 * model.kind_params(k) * t_local, calls=21) for k in model.kinds)
-    head = mm(6.0 * model.vocab * model.hidden * t_local, calls=3)
+    from distattn.plan.step_model import estimate_step  # (plan imports sim: here, not at the top)
     kinds = model.kinds
-    cache: dict[str, LayerTime] = {}
-    for k in set(kinds):
-        cache[k] = layer_time(softmax_scheme if k == "N" else linear_scheme, model.attn(seq), cluster, world,
-                              **_layer_opts(k, kinds, linear_scheme, lasp1_sync_every_layer))
-    attn = sum(cache[k].total_s for k in kinds)
-    grad = cluster.all_reduce(model.params * model.grad_bytes, world)
-    if recompute:  # the forward runs twice
-        attn += sum(cache[k].fwd_s for k in kinds)
-        dense *= 4 / 3
-    total = step_overhead_s + dense + head + attn + grad
-    mem = step_memory(model, seq, world, softmax_scheme, linear_scheme, zero_stage, recompute, loss_tile)
+    cfg = model_config(model, world, softmax_scheme, linear_scheme, zero_stage, recompute, loss_tile, seq=seq)
+    layers = {k: (softmax_scheme if k == "N" else linear_scheme,
+                  _layer_opts(k, kinds, linear_scheme, lasp1_sync_every_layer)) for k in set(kinds)}
+    est = estimate_step(cfg, cluster, step_overhead_s=step_overhead_s, layers=layers)
     return StepTime(model=model.name, softmax_scheme=softmax_scheme if "N" in kinds else "-",
                     linear_scheme=linear_scheme if set("LDK") & set(kinds) else "-", world=world, seq=seq,
-                    step_s=total, tokens_per_s=seq / total, dense_s=dense + head, attention_s=attn,
-                    grad_sync_s=grad, overhead_s=step_overhead_s, mem_bytes=mem,
-                    fits=mem <= cluster.device.memory_bytes,
-                    layers={LAYER_NAMES[k]: lt.as_dict() for k, lt in cache.items()})
+                    step_s=est.step_s, tokens_per_s=seq / est.step_s, dense_s=est.dense_s,
+                    attention_s=est.attention_s, grad_sync_s=est.grad_sync_s, overhead_s=step_overhead_s,
+                    mem_bytes=est.mem_bytes, fits=est.fits,
+                    layers={LAYER_NAMES[k]: lt for k, lt in est.layer_times.items()})
 
 
 def _layer_opts(kind: str, kinds: str, linear_scheme: str, sync_every_layer: bool) -> dict:
@@ -171,7 +154,7 @@ def _layer_opts(kind: str, kinds: str, linear_scheme: str, sync_every_layer: boo
 
 
 def model_config(model: ModelSpec, world: int, softmax_scheme: str = "ring", linear_scheme: str = "lasp2",
-                 zero_stage: int = 0, recompute: bool = False, loss_tile: int = 0):
+                 zero_stage: int = 0, recompute: bool = False, loss_tile: int = 0, seq: int | None = None):
     """`model` as a distattn config (bf16, cp = world, ZeRO stage, full recomputation or none, the
     loss over tiles of `loss_tile` tokens or whole), so
     that the memory planner (`distattn.plan.memory`) prices the simulator's steps: `simulate`,
@@ -184,9 +167,23 @@ def model_config(model: ModelSpec, world: int, softmax_scheme: str = "ring", lin
             f"model.layer_pattern={model.kinds}", f"model.tie_embeddings={str(model.tied_embeddings).lower()}",
             f"model.dtype={'bf16' if model.dtype_bytes == 2 else 'fp32'}",
             f"model.recompute={'full' if recompute else 'none'}", f"train.zero_stage={zero_stage}",
-            f"model.loss_tile={loss_tile}", f"parallel.cp={world}", f"data.seq_len={2 * world * 64}",
+            f"model.loss_tile={loss_tile}", f"parallel.cp={world}", f"data.seq_len={seq or 2 * world * 64}",
+            *_scheme_sets(softmax_scheme),
             f"attention.linear_scheme={linear_scheme if linear_scheme in ('lasp2', 'lasp1') else 'lasp2'}"]
     return load_config(None, sets)
+
+
+def _scheme_sets(name: str) -> list[str]:
+    """The config keys of a simulator scheme (usp:U its ulysses degree, ring-basic the contiguous
+    layout); schemes without a config of their own keep the default."""
+    base, _, u = name.partition(":")
+    if base == "usp":
+        return ["attention.scheme=usp", f"parallel.ulysses={u or 1}"]
+    if name == "ring-basic":
+        return ["attention.scheme=ring", "attention.layout=contiguous"]
+    if name in ("ring", "allgather", "ulysses"):
+        return [f"attention.scheme={name}"]
+    return []
 
 
 def _planner_scheme(name: str) -> str:
